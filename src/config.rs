@@ -1,0 +1,192 @@
+//! Configuration: command-line flags merged with an optional TOML file.
+//!
+//! The file may set the hub's host name, replace the key of a built-in policy, add policies, and
+//! change the per-device module limit. Anything it gets wrong stops start-up with the file and
+//! the reason.
+
+use crate::auth::{default_policies, Permission, Permissions, Policy, SymmetricKey};
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// Everything the hub needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The hub's host name, as in connection strings (`HostName=`).
+    pub hostname: String,
+    /// Address the listeners bind to.
+    pub bind: IpAddr,
+    pub https_port: u16,
+    pub mqtt_port: u16,
+    /// Where the CA and server certificate live.
+    pub certs_dir: PathBuf,
+    /// Extra names for the server certificate (and accepted as SAS hosts).
+    pub extra_sans: Vec<String>,
+    pub policies: Vec<Policy>,
+    /// Most modules a device may have (IoT Hub: 50).
+    pub max_modules_per_device: usize,
+}
+
+impl Config {
+    /// Every name the hub answers to: in SAS `sr` hosts and in the server certificate.
+    pub fn host_names(&self) -> Vec<String> {
+        let mut names = vec![
+            self.hostname.to_ascii_lowercase(),
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+            self.bind.to_string(),
+        ];
+        names.extend(self.extra_sans.iter().map(|s| s.to_ascii_lowercase()));
+        names.retain(|n| !n.is_empty() && n != "0.0.0.0" && n != "::");
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The owner policy's connection string, as printed at start-up.
+    pub fn owner_connection_string(&self) -> String {
+        let owner = self
+            .policies
+            .iter()
+            .find(|p| p.name == "iothubowner")
+            .expect("the iothubowner policy always exists");
+        format!(
+            "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
+            self.hostname,
+            owner.primary_key.to_base64()
+        )
+    }
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub hostname: Option<String>,
+    pub max_modules_per_device: Option<usize>,
+    #[serde(default)]
+    pub policies: Vec<PolicyEntry>,
+}
+
+/// A policy in the config file. A name that exists replaces that policy's key (and its
+/// permissions, when given); a new name adds a policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyEntry {
+    pub name: String,
+    pub key: String,
+    pub secondary_key: Option<String>,
+    pub permissions: Option<Vec<Permission>>,
+}
+
+/// IoT Hub allows at most 16 shared access policies.
+pub const MAX_POLICIES: usize = 16;
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Applies the file's policies over the built-in ones.
+    pub fn policies(&self) -> Result<Vec<Policy>, String> {
+        let mut policies = default_policies();
+        for entry in &self.policies {
+            if entry.name.is_empty()
+                || !entry
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+            {
+                return Err(format!("policy name {:?} is invalid", entry.name));
+            }
+            let key = SymmetricKey::parse(&entry.key)
+                .map_err(|e| format!("policy {}: key: {e}", entry.name))?;
+            let secondary = match &entry.secondary_key {
+                Some(k) => Some(
+                    SymmetricKey::parse(k)
+                        .map_err(|e| format!("policy {}: secondary_key: {e}", entry.name))?,
+                ),
+                None => None,
+            };
+            let permissions = entry.permissions.as_deref().map(Permissions::of);
+            match policies.iter_mut().find(|p| p.name == entry.name) {
+                Some(p) => {
+                    p.primary_key = key;
+                    if let Some(s) = secondary {
+                        p.secondary_key = s;
+                    }
+                    if let Some(perms) = permissions {
+                        p.permissions = perms;
+                    }
+                }
+                None => {
+                    let permissions = permissions.ok_or_else(|| {
+                        format!("policy {}: a new policy needs 'permissions'", entry.name)
+                    })?;
+                    policies.push(Policy {
+                        name: entry.name.clone(),
+                        secondary_key: secondary.unwrap_or_else(SymmetricKey::generate),
+                        primary_key: key,
+                        permissions,
+                    });
+                }
+            }
+        }
+        if policies.len() > MAX_POLICIES {
+            return Err(format!(
+                "at most {MAX_POLICIES} shared access policies are allowed, not {}",
+                policies.len()
+            ));
+        }
+        Ok(policies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_replaces_keys_and_adds_policies() {
+        let file: ConfigFile = toml::from_str(
+            r#"
+            [[policies]]
+            name = "registryRead"
+            key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+            [[policies]]
+            name = "backend"
+            key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+            permissions = ["ServiceConnect", "RegistryRead"]
+            "#,
+        )
+        .unwrap();
+        let policies = file.policies().unwrap();
+        let read = policies.iter().find(|p| p.name == "registryRead").unwrap();
+        assert_eq!(
+            read.primary_key.to_base64(),
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+        );
+        assert!(read.permissions.has(Permission::RegistryRead));
+        let backend = policies.iter().find(|p| p.name == "backend").unwrap();
+        assert!(backend.permissions.has(Permission::ServiceConnect));
+        assert!(!backend.permissions.has(Permission::RegistryWrite));
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_a_reason() {
+        assert!(toml::from_str::<ConfigFile>("colour = 1").is_err());
+        let bad_key: ConfigFile =
+            toml::from_str("[[policies]]\nname = \"x\"\nkey = \"short\"\npermissions = []")
+                .unwrap();
+        assert!(bad_key.policies().unwrap_err().contains("policy x"));
+        let no_perms: ConfigFile = toml::from_str(
+            "[[policies]]\nname = \"x\"\nkey = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"",
+        )
+        .unwrap();
+        assert!(no_perms.policies().is_err());
+    }
+}

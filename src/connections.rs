@@ -1,0 +1,167 @@
+//! Live device and module connections, by identity.
+//!
+//! The hub side of "route every publish by the authenticated identity": each connected identity
+//! has exactly one [`Connection`] here, holding a bounded queue of [`Outbound`] events (desired
+//! patches today; direct methods and cloud-to-device messages later). The REST side calls
+//! [`Connections::notify`]; the connection's own task turns events into packets. Nothing here
+//! knows MQTT.
+//!
+//! A second connection of the same identity replaces the first, which is told to close
+//! (IoT Hub error 400027, ConnectionForcefullyClosedOnNewConnection). An event that finds a
+//! connection's queue full closes that connection instead of waiting: one client that stops
+//! reading can never stall the service side.
+
+use crate::registry::IdentityKey;
+use dashmap::DashMap;
+use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Notify};
+
+/// Events from the hub to one connected identity.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    /// A desired-properties change: the patch (or the whole document after a replace), with
+    /// `$version` (`shared/protocol.md` C.6).
+    DesiredPatch(Value),
+}
+
+/// How many events may wait for one connection before it is considered stuck.
+pub const QUEUE_DEPTH: usize = 256;
+
+/// The hub's handle on one live connection.
+struct Connection {
+    /// Distinguishes this connection from a later one of the same identity.
+    id: u64,
+    events: mpsc::Sender<Outbound>,
+    /// Fired to make the connection close itself (taken over, or too slow).
+    close: Arc<Notify>,
+}
+
+/// What a connection task holds: its events, its close signal and its registration id.
+pub struct Registration {
+    pub id: u64,
+    pub events: mpsc::Receiver<Outbound>,
+    pub close: Arc<Notify>,
+}
+
+/// All live connections, and the session state that outlives them. Sharded maps; no global lock.
+#[derive(Default)]
+pub struct Connections {
+    live: DashMap<IdentityKey, Connection>,
+    /// Per-identity session state that survives reconnects (clean session 0): which
+    /// subscriptions are on, as a protocol-defined bit set. The SDKs do not re-subscribe after a
+    /// token-renewal reconnect (`shared/protocol.md` C.3), so this must persist.
+    sessions: DashMap<IdentityKey, u8>,
+    next_id: AtomicU64,
+}
+
+impl Connections {
+    /// Registers a new connection of `key`, closing any previous one of the same identity.
+    pub fn register(&self, key: &IdentityKey) -> Registration {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let close = Arc::new(Notify::new());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let previous = self.live.insert(
+            key.clone(),
+            Connection {
+                id,
+                events: tx,
+                close: Arc::clone(&close),
+            },
+        );
+        if let Some(old) = previous {
+            old.close.notify_one();
+        }
+        Registration {
+            id,
+            events: rx,
+            close,
+        }
+    }
+
+    /// Removes a connection, unless a newer one of the same identity has replaced it. Returns
+    /// whether it was still the current one.
+    pub fn unregister(&self, key: &IdentityKey, id: u64) -> bool {
+        self.live.remove_if(key, |_, c| c.id == id).is_some()
+    }
+
+    /// Queues an event for `key`'s connection, if it has one. A full queue closes the connection.
+    pub fn notify(&self, key: &IdentityKey, event: Outbound) -> bool {
+        let Some(conn) = self.live.get(key) else {
+            return false;
+        };
+        match conn.events.try_send(event) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(identity = %key, "outbound queue full; closing the connection");
+                conn.close.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The identity's stored session state (0 when it has none).
+    pub fn session(&self, key: &IdentityKey) -> u8 {
+        self.sessions.get(key).map_or(0, |s| *s)
+    }
+
+    /// Stores the identity's session state; 0 forgets it.
+    pub fn set_session(&self, key: &IdentityKey, state: u8) {
+        if state == 0 {
+            self.sessions.remove(key);
+        } else {
+            self.sessions.insert(key.clone(), state);
+        }
+    }
+
+    pub fn is_connected(&self, key: &IdentityKey) -> bool {
+        self.live.contains_key(key)
+    }
+
+    /// Connected devices (device-level connections), for `/statistics/service`.
+    pub fn connected_devices(&self) -> usize {
+        self.live
+            .iter()
+            .filter(|e| e.key().module_id.is_none())
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn a_second_connection_replaces_the_first() {
+        let conns = Connections::default();
+        let key = IdentityKey::device("d");
+        let first = conns.register(&key);
+        let mut second = conns.register(&key);
+        // The first is told to close; its late unregister does not remove the second.
+        first.close.notified().await;
+        assert!(!conns.unregister(&key, first.id));
+        assert!(conns.notify(&key, Outbound::DesiredPatch(json!({"$version": 2}))));
+        assert_eq!(
+            second.events.recv().await,
+            Some(Outbound::DesiredPatch(json!({"$version": 2})))
+        );
+        assert!(conns.unregister(&key, second.id));
+        assert!(!conns.is_connected(&key));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_the_connection_instead_of_blocking() {
+        let conns = Connections::default();
+        let key = IdentityKey::module("d", "m");
+        let reg = conns.register(&key);
+        for _ in 0..QUEUE_DEPTH {
+            assert!(conns.notify(&key, Outbound::DesiredPatch(json!({}))));
+        }
+        assert!(!conns.notify(&key, Outbound::DesiredPatch(json!({}))));
+        reg.close.notified().await;
+        assert_eq!(conns.connected_devices(), 0);
+    }
+}

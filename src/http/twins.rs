@@ -1,0 +1,109 @@
+//! Twin routes: `GET`, `PATCH` and `PUT` on `/twins/{id}` and `/twins/{id}/modules/{mid}`.
+
+use super::body::{ok, JsonBody};
+use super::error::HttpResult;
+use super::registry::if_match;
+use crate::hub::Hub;
+use crate::registry::{IdentityKey, IfMatch};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+
+pub fn routes() -> Router<Hub> {
+    Router::new()
+        .route(
+            "/twins/{id}",
+            get(get_device_twin)
+                .patch(patch_device_twin)
+                .put(put_device_twin),
+        )
+        .route(
+            "/twins/{id}/modules/{mid}",
+            get(get_module_twin)
+                .patch(patch_module_twin)
+                .put(put_module_twin),
+        )
+}
+
+/// Twin writes without If-Match apply to any version, as IoT Hub's do.
+fn twin_precondition(headers: &HeaderMap) -> IfMatch {
+    match if_match(headers) {
+        IfMatch::Absent => IfMatch::Any,
+        other => other,
+    }
+}
+
+async fn get_device_twin(State(hub): State<Hub>, Path(id): Path<String>) -> HttpResult<Response> {
+    Ok(ok(&hub.registry().get_twin(&IdentityKey::device(id))?))
+}
+
+async fn get_module_twin(
+    State(hub): State<Hub>,
+    Path((id, mid)): Path<(String, String)>,
+) -> HttpResult<Response> {
+    Ok(ok(&hub
+        .registry()
+        .get_twin(&IdentityKey::module(id, mid))?))
+}
+
+async fn patch_device_twin(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> HttpResult<Response> {
+    let body = body.object()?;
+    let key = IdentityKey::device(id);
+    Ok(ok(&hub.patch_twin(
+        &key,
+        &body,
+        &twin_precondition(&headers),
+    )?))
+}
+
+async fn patch_module_twin(
+    State(hub): State<Hub>,
+    Path((id, mid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> HttpResult<Response> {
+    let body = body.object()?;
+    let key = IdentityKey::module(id, mid);
+    Ok(ok(&hub.patch_twin(
+        &key,
+        &body,
+        &twin_precondition(&headers),
+    )?))
+}
+
+async fn put_device_twin(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> HttpResult<Response> {
+    let body = body.object()?;
+    let key = IdentityKey::device(id);
+    Ok(ok(&hub.replace_twin(
+        &key,
+        &body,
+        &twin_precondition(&headers),
+    )?))
+}
+
+async fn put_module_twin(
+    State(hub): State<Hub>,
+    Path((id, mid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> HttpResult<Response> {
+    let body = body.object()?;
+    let key = IdentityKey::module(id, mid);
+    Ok(ok(&hub.replace_twin(
+        &key,
+        &body,
+        &twin_precondition(&headers),
+    )?))
+}

@@ -1,0 +1,422 @@
+//! [`Hub`]: the one shared handle every front end holds.
+//!
+//! It owns the registry (identities and twins), the live connections, and the hub's policies and
+//! names, and it is where authentication and authorization happen, so that REST, MQTT and (later)
+//! AMQP apply exactly the same rules. Cheap to clone.
+
+use crate::auth::{sas::SasError, Permission, Policy, SasToken};
+use crate::config::Config;
+use crate::connections::{Connections, Outbound};
+use crate::error::{ErrorCode, HubError, HubResult};
+use crate::registry::{Credentials, IdentityKey, IfMatch, Registry, Status};
+use crate::timestamp::unix_now;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// The hub: cheap-to-clone handle to shared state.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Identities and twins. Written by the REST API and the device front ends; internally
+    /// sharded per device (see `registry`).
+    registry: Registry,
+    /// Live device connections; written by the device front ends, read by the REST side to
+    /// push events.
+    connections: Connections,
+    /// Shared access policies; fixed after start-up, so no lock.
+    policies: Vec<Policy>,
+    /// Host names accepted in SAS `sr`, lower-case; fixed after start-up.
+    host_names: Vec<String>,
+    /// The hub's own host name, as in connection strings.
+    hostname: String,
+}
+
+/// Which service operation a caller wants, for the permission check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read identities (RegistryRead; RegistryWrite implies it).
+    RegistryRead,
+    /// Create, update, delete identities (RegistryWrite).
+    RegistryWrite,
+    /// Read twins (ServiceConnect or RegistryRead).
+    TwinRead,
+    /// Update twins (ServiceConnect or RegistryWrite).
+    TwinWrite,
+    /// Service-facing operations: statistics, methods (ServiceConnect).
+    Service,
+}
+
+impl Access {
+    fn permissions(self) -> &'static [Permission] {
+        use Permission::*;
+        match self {
+            Self::RegistryRead => &[RegistryRead, RegistryWrite],
+            Self::RegistryWrite => &[RegistryWrite],
+            Self::TwinRead => &[ServiceConnect, RegistryRead, RegistryWrite],
+            Self::TwinWrite => &[ServiceConnect, RegistryWrite],
+            Self::Service => &[ServiceConnect, RegistryRead],
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry: Registry::new(config.max_modules_per_device),
+                connections: Connections::default(),
+                policies: config.policies.clone(),
+                host_names: config.host_names(),
+                hostname: config.hostname.clone(),
+            }),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub fn connections(&self) -> &Connections {
+        &self.inner.connections
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.inner.hostname
+    }
+
+    // ----- authentication -----
+
+    /// Checks a service caller's `Authorization` header for `access`.
+    pub fn authorize_service(&self, authorization: Option<&str>, access: Access) -> HubResult<()> {
+        let header = authorization.ok_or_else(|| {
+            HubError::new(
+                ErrorCode::IotHubUnauthorizedAccess,
+                "The request has no Authorization header; send a SAS token",
+            )
+        })?;
+        let token = SasToken::parse(header).map_err(sas_error)?;
+        let name = token.policy().ok_or_else(|| {
+            HubError::unauthorized(
+                "A device or module token cannot call the service API; sign with a shared access policy (skn)",
+            )
+        })?;
+        let policy = self.policy(name)?;
+        self.check_token(&token, &[&policy.primary_key, &policy.secondary_key])?;
+        if !token.resource().map_err(sas_error)?.covers(&[]) {
+            return Err(sas_error(SasError::OutOfScope));
+        }
+        if !policy.permissions.has_any(access.permissions()) {
+            return Err(HubError::unauthorized(format!(
+                "Policy '{name}' does not grant the permission this operation needs ({})",
+                access
+                    .permissions()
+                    .iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Authenticates a device or module connecting with a SAS token as its password. Returns
+    /// the token's expiry (unix seconds): the connection must end then.
+    pub fn authenticate_device(&self, key: &IdentityKey, password: &str) -> HubResult<u64> {
+        let token = SasToken::parse(password).map_err(sas_error)?;
+        let (credentials, status) = self.inner.registry.credentials(key)?;
+        match token.policy() {
+            Some(name) => {
+                let policy = self.policy(name)?;
+                if !policy.permissions.has(Permission::DeviceConnect) {
+                    return Err(HubError::unauthorized(format!(
+                        "Policy '{name}' does not grant DeviceConnect"
+                    )));
+                }
+                self.check_token(&token, &[&policy.primary_key, &policy.secondary_key])?;
+            }
+            None => {
+                let keys = credentials.keys().ok_or_else(|| {
+                    HubError::unauthorized(format!(
+                        "{key} uses {} authentication, not SAS",
+                        credentials.type_name()
+                    ))
+                })?;
+                self.check_token(&token, &keys)?;
+            }
+        }
+        let resource = token.resource().map_err(sas_error)?;
+        let mut target = vec!["devices", key.device_id.as_str()];
+        if let Some(m) = &key.module_id {
+            target.extend(["modules", m.as_str()]);
+        }
+        if !resource.covers(&target) {
+            return Err(sas_error(SasError::OutOfScope));
+        }
+        if status == Status::Disabled {
+            return Err(HubError::new(
+                ErrorCode::DeviceDisabled,
+                format!("Device {} is disabled", key.device_id),
+            ));
+        }
+        Ok(token.expiry())
+    }
+
+    /// Authenticates an identity that presented an X.509 client certificate: a self-signed
+    /// certificate must match a registered thumbprint; `certificateAuthority` identities accept
+    /// a certificate whose subject CN names them (chain validation against uploaded CAs is not
+    /// emulated).
+    pub fn authenticate_x509(
+        &self,
+        key: &IdentityKey,
+        sha1: &str,
+        sha256: &str,
+        common_name: Option<&str>,
+    ) -> HubResult<()> {
+        let (credentials, status) = self.inner.registry.credentials(key)?;
+        let ok = match &credentials {
+            Credentials::SelfSigned { primary, secondary } => [primary, secondary]
+                .into_iter()
+                .flatten()
+                .any(|t| t.eq_ignore_ascii_case(sha1) || t.eq_ignore_ascii_case(sha256)),
+            Credentials::CertificateAuthority => common_name == Some(key.to_string().as_str()),
+            _ => false,
+        };
+        if !ok {
+            return Err(HubError::unauthorized(format!(
+                "The client certificate does not authenticate {key}"
+            )));
+        }
+        if status == Status::Disabled {
+            return Err(HubError::new(
+                ErrorCode::DeviceDisabled,
+                format!("Device {} is disabled", key.device_id),
+            ));
+        }
+        Ok(())
+    }
+
+    fn policy(&self, name: &str) -> HubResult<&Policy> {
+        self.inner
+            .policies
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| sas_error(SasError::UnknownPolicy(name.to_owned())))
+    }
+
+    /// Signature, then expiry, then host. The signature comes first so that an unsigned token
+    /// learns nothing about which hosts or times would be accepted.
+    fn check_token(&self, token: &SasToken, keys: &[&crate::auth::SymmetricKey]) -> HubResult<()> {
+        if !keys.iter().any(|k| token.is_signed_by(k)) {
+            tracing::debug!(string_to_sign = %token.string_to_sign().escape_debug(), "SAS signature mismatch");
+            return Err(sas_error(SasError::BadSignature));
+        }
+        token.check_expiry(unix_now()).map_err(sas_error)?;
+        let host = token.resource().map_err(sas_error)?.host;
+        if !self.inner.host_names.iter().any(|n| *n == host) {
+            return Err(sas_error(SasError::WrongHost(host)));
+        }
+        Ok(())
+    }
+
+    // ----- twins: the writes that must reach connected devices -----
+
+    /// Service PATCH of a twin; a desired change is pushed to the identity's connection.
+    pub fn patch_twin(
+        &self,
+        key: &IdentityKey,
+        body: &Map<String, Value>,
+        if_match: &IfMatch,
+    ) -> HubResult<Value> {
+        self.inner.registry.patch_twin(key, body, if_match, |note| {
+            self.inner
+                .connections
+                .notify(key, Outbound::DesiredPatch(note));
+        })
+    }
+
+    /// Service PUT of a twin; devices get the whole new desired document.
+    pub fn replace_twin(
+        &self,
+        key: &IdentityKey,
+        body: &Map<String, Value>,
+        if_match: &IfMatch,
+    ) -> HubResult<Value> {
+        self.inner
+            .registry
+            .replace_twin(key, body, if_match, |note| {
+                self.inner
+                    .connections
+                    .notify(key, Outbound::DesiredPatch(note));
+            })
+    }
+}
+
+fn sas_error(e: SasError) -> HubError {
+    let code = match e {
+        SasError::Expired(_)
+        | SasError::Malformed
+        | SasError::Missing(_)
+        | SasError::Invalid(_) => ErrorCode::IotHubUnauthorized,
+        _ => ErrorCode::IotHubUnauthorizedAccess,
+    };
+    HubError::new(code, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{sas::make_token, SymmetricKey, OWNER_KEY};
+
+    fn config() -> Config {
+        Config {
+            hostname: "myhub.local".into(),
+            bind: "127.0.0.1".parse().unwrap(),
+            https_port: 0,
+            mqtt_port: 0,
+            certs_dir: std::env::temp_dir(),
+            extra_sans: vec![],
+            policies: crate::auth::default_policies(),
+            max_modules_per_device: 50,
+        }
+    }
+
+    fn owner() -> SymmetricKey {
+        SymmetricKey::parse(OWNER_KEY).unwrap()
+    }
+
+    fn later() -> u64 {
+        unix_now() + 3600
+    }
+
+    #[test]
+    fn service_tokens_need_a_policy_a_known_host_and_the_permission() {
+        let hub = Hub::new(&config());
+        let ok = make_token("myhub.local", &owner(), Some("iothubowner"), later());
+        assert!(hub
+            .authorize_service(Some(&ok), Access::RegistryWrite)
+            .is_ok());
+        let with_port = make_token("MyHub.local:443", &owner(), Some("iothubowner"), later());
+        assert!(hub
+            .authorize_service(Some(&with_port), Access::RegistryWrite)
+            .is_ok());
+        let other_host = make_token("elsewhere", &owner(), Some("iothubowner"), later());
+        assert!(hub
+            .authorize_service(Some(&other_host), Access::RegistryRead)
+            .is_err());
+        let expired = make_token("myhub.local", &owner(), Some("iothubowner"), 1000);
+        let err = hub
+            .authorize_service(Some(&expired), Access::RegistryRead)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::IotHubUnauthorized);
+        let forged = make_token(
+            "myhub.local",
+            &SymmetricKey::generate(),
+            Some("iothubowner"),
+            later(),
+        );
+        assert!(hub
+            .authorize_service(Some(&forged), Access::RegistryRead)
+            .is_err());
+        assert!(hub.authorize_service(None, Access::RegistryRead).is_err());
+
+        let read_policy = config()
+            .policies
+            .into_iter()
+            .find(|p| p.name == "registryRead")
+            .unwrap();
+        let read = make_token(
+            "myhub.local",
+            &read_policy.primary_key,
+            Some("registryRead"),
+            later(),
+        );
+        assert!(hub
+            .authorize_service(Some(&read), Access::RegistryRead)
+            .is_ok());
+        let err = hub
+            .authorize_service(Some(&read), Access::RegistryWrite)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::IotHubUnauthorizedAccess);
+    }
+
+    #[test]
+    fn device_tokens_are_scoped_to_their_identity() {
+        let hub = Hub::new(&config());
+        let reg = hub.registry();
+        let dev = reg.put_device("d1", &Map::new(), &IfMatch::Absent).unwrap();
+        reg.put_device("d2", &Map::new(), &IfMatch::Absent).unwrap();
+        let module = reg
+            .put_module("d1", "m1", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        let key_of = |v: &Value, which: &str| {
+            SymmetricKey::parse(v["authentication"]["symmetricKey"][which].as_str().unwrap())
+                .unwrap()
+        };
+        let d1 = IdentityKey::device("d1");
+        let m1 = IdentityKey::module("d1", "m1");
+
+        let t = make_token(
+            "localhost/devices/d1",
+            &key_of(&dev, "primaryKey"),
+            None,
+            later(),
+        );
+        assert!(hub.authenticate_device(&d1, &t).is_ok());
+        let t2 = make_token(
+            "localhost/devices/d1",
+            &key_of(&dev, "secondaryKey"),
+            None,
+            later(),
+        );
+        assert!(hub.authenticate_device(&d1, &t2).is_ok());
+        // d1's token is not d2's.
+        assert!(hub
+            .authenticate_device(&IdentityKey::device("d2"), &t)
+            .is_err());
+        // A token for device d1 signed with d1's key does not authenticate module m1 (other key).
+        assert!(hub.authenticate_device(&m1, &t).is_err());
+        let tm = make_token(
+            "localhost/devices/d1/modules/m1",
+            &key_of(&module, "primaryKey"),
+            None,
+            later(),
+        );
+        assert!(hub.authenticate_device(&m1, &tm).is_ok());
+        // Out of scope: a module token presented for the device.
+        assert!(hub.authenticate_device(&d1, &tm).is_err());
+        // A policy with DeviceConnect works for any device; one without does not.
+        let p = make_token("localhost", &owner(), Some("iothubowner"), later());
+        assert!(hub.authenticate_device(&m1, &p).is_ok());
+        let svc = config()
+            .policies
+            .into_iter()
+            .find(|p| p.name == "service")
+            .unwrap();
+        let ps = make_token("localhost", &svc.primary_key, Some("service"), later());
+        assert!(hub.authenticate_device(&m1, &ps).is_err());
+        // Unknown identity.
+        assert_eq!(
+            hub.authenticate_device(&IdentityKey::device("ghost"), &t)
+                .unwrap_err()
+                .code,
+            ErrorCode::DeviceNotFound
+        );
+        // Disabled device.
+        reg.put_device(
+            "d1",
+            &serde_json::json!({"status":"disabled"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            &IfMatch::Any,
+        )
+        .unwrap();
+        assert_eq!(
+            hub.authenticate_device(&d1, &t).unwrap_err().code,
+            ErrorCode::DeviceDisabled
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! iothub-emulator: a local emulator of Azure IoT Hub.
+//!
+//! # Layout
+//! - [`config`]: flags and the config file, merged into one [`config::Config`].
+//! - [`tls`]: the local CA, the server certificate, client-certificate requests.
+//! - [`auth`]: policies, symmetric keys, SAS tokens.
+//! - [`registry`]: device and module identities and their twins (the twin store), sharded per
+//!   device. [`twin`] holds the pure twin-document logic (merge, versions, `$metadata`, limits).
+//! - [`connections`]: live device connections by identity, with bounded event queues.
+//! - [`hub`]: [`Hub`], the one shared handle: registry + connections + authentication.
+//! - [`http`]: the HTTPS service API (and the MQTT-over-WebSockets endpoint on the same port).
+//! - [`mqtt`]: the device-facing MQTT front end.
+//! - [`error`]: IoT Hub's error codes; each front end maps them to its wire in one place.
+//!
+//! # Data flow
+//! socket → TLS (in the connection's task) → front end parses into typed requests → [`Hub`] /
+//! [`registry::Registry`] operation → response. Service writes that devices must see (desired
+//! properties) go to [`connections::Connections::notify`] under the device's lock, so they leave
+//! in version order; the device's own task turns them into packets. HTTP never writes MQTT
+//! packets, and MQTT never calls HTTP.
+
+pub mod auth;
+pub mod config;
+pub mod connections;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod mqtt;
+pub mod registry;
+pub mod timestamp;
+pub mod tls;
+pub mod twin;
+
+pub use hub::Hub;
+
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// Bound listeners for one hub.
+pub struct Listeners {
+    pub https: TcpListener,
+    pub mqtt: TcpListener,
+}
+
+/// Runs a hub on bound listeners until `shutdown` resolves. Tests bind port 0 and pass the
+/// listeners in; the binary binds the configured ports.
+pub async fn run(
+    hub: Hub,
+    listeners: Listeners,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let acceptor = TlsAcceptor::from(tls);
+    let https = tokio::spawn(http::serve(
+        listeners.https,
+        acceptor.clone(),
+        hub.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let mqtt = tokio::spawn(mqtt::serve(listeners.mqtt, acceptor, hub, stopped(stop_rx)));
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(https, mqtt);
+}

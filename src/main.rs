@@ -1,0 +1,173 @@
+//! The `iothub-emulator` binary: parse flags, set up logging and TLS, bind, run.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use iothub_emulator::config::{Config, ConfigFile};
+use iothub_emulator::{tls, Hub, Listeners};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// A local emulator of Azure IoT Hub: the MQTT device protocol and the HTTPS service API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Host name of the hub, as in connection strings (HostName=…).
+    #[arg(long, default_value = "localhost")]
+    hostname: String,
+    /// Address to listen on. Another loopback address (e.g. 127.0.0.2) lets several emulators
+    /// run side by side on the standard ports; reach it with GatewayHostName.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Port of the HTTPS service API and of MQTT over WebSockets. The SDKs expect 443.
+    #[arg(long, default_value_t = 443)]
+    https_port: u16,
+    /// Port of MQTT over TLS. The SDKs expect 8883.
+    #[arg(long, default_value_t = 8883)]
+    mqtt_port: u16,
+    /// Directory of the emulator's CA (ca.pem, ca.key), created on first start and reused.
+    #[arg(long, env = "IOTHUB_EMULATOR_CERTS_DIR")]
+    certs_dir: Option<PathBuf>,
+    /// Extra name or IP address for the server certificate (repeatable).
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Serve this PEM certificate chain instead of generating one (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// TOML config file: hostname, policies and keys, module limit.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The default certs directory: per user, so restarts keep the same CA.
+fn default_certs_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("iothub-emulator/certs");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/share/iothub-emulator/certs");
+    }
+    PathBuf::from(".iothub-emulator/certs")
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("iothub_emulator=info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let file = match &cli.config {
+        Some(path) => ConfigFile::load(path).map_err(anyhow::Error::msg)?,
+        None => ConfigFile::default(),
+    };
+    let policies = file
+        .policies()
+        .map_err(|e| anyhow::anyhow!("config file: {e}"))?;
+    let config = Config {
+        hostname: file.hostname.clone().unwrap_or(cli.hostname.clone()),
+        bind: cli.bind,
+        https_port: cli.https_port,
+        mqtt_port: cli.mqtt_port,
+        certs_dir: cli.certs_dir.clone().unwrap_or_else(default_certs_dir),
+        extra_sans: cli.sans.clone(),
+        policies,
+        max_modules_per_device: file.max_modules_per_device.unwrap_or(50),
+    };
+    let user_cert = cli
+        .tls_cert
+        .clone()
+        .zip(cli.tls_key.clone())
+        .map(|(cert, key)| tls::UserCert { cert, key });
+    let tls = tls::setup(&config.certs_dir, &config.host_names(), user_cert.as_ref())
+        .map_err(anyhow::Error::msg)
+        .context("TLS setup failed")?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let https = bind(config.bind, config.https_port, "--https-port").await?;
+        let mqtt = bind(config.bind, config.mqtt_port, "--mqtt-port").await?;
+        print_banner(
+            &config,
+            &tls.ca_path,
+            https.local_addr()?,
+            mqtt.local_addr()?,
+        );
+        let hub = Hub::new(&config);
+        iothub_emulator::run(
+            hub,
+            Listeners { https, mqtt },
+            tls.server_config,
+            shutdown_signal(),
+        )
+        .await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn bind(ip: IpAddr, port: u16, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = SocketAddr::new(ip, port);
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) => bail!(
+            "cannot listen on {addr}: {e}. Ports below 1024 need privileges; choose another port with {flag}, or another address with --bind (for example 127.0.0.2)."
+        ),
+    }
+}
+
+fn print_banner(config: &Config, ca: &std::path::Path, https: SocketAddr, mqtt: SocketAddr) {
+    let ca = ca.display();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "iothub-emulator {version}: HTTPS (service API, MQTT over WebSockets) on {https}, MQTT/TLS on {mqtt}\n\
+         Owner connection string (emulator only, insecure):\n  {cs}\n\
+         CA certificate to trust: {ca}\n\
+         \x20 Python device SDK: SSL_CERT_FILE={ca} (or server_verification_cert=<contents>)\n\
+         \x20 Python service SDK and az CLI: REQUESTS_CA_BUNDLE={ca}\n\
+         \x20 Node SDKs: NODE_EXTRA_CA_CERTS={ca}\n\
+         iothub-emulator ready",
+        version = env!("CARGO_PKG_VERSION"),
+        cs = config.owner_connection_string(),
+    );
+    let _ = out.flush();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,587 @@
+//! One device or module connection, from CONNECT to close.
+//!
+//! Data flows one way: bytes → packet (rumqttc's MQTT 3.1.1 codec) → [`Topic`] → hub operation →
+//! response packet → bytes; hub events ([`Outbound`]) arrive on the connection's bounded queue and
+//! leave as packets. The loop is a `select!` over the socket, the queue, a close signal (session
+//! takeover or a stuck queue), the keep-alive deadline and the SAS token's expiry.
+//!
+//! IoT Hub reports MQTT-level errors by closing the connection (`shared/protocol.md` C.6), so
+//! every protocol violation here ends this connection, and only this connection.
+
+use super::topic::{self, Feature, Topic};
+use super::MAX_PACKET_BYTES;
+use crate::connections::{Outbound, Registration};
+use crate::error::{ErrorCode, HubError};
+use crate::hub::Hub;
+use crate::registry::{identity::validate_id, IdentityKey};
+use crate::timestamp::unix_now;
+use crate::tls::ClientCertInfo;
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    self, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+    UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout, Instant};
+
+/// How long a client has, after the TLS handshake, to send CONNECT.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one write to the client may take before the client counts as not reading.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// IoT Hub caps the keep-alive it honours at 1767 s (DOC-MQTT); 0 means that cap too.
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(1767);
+/// At most this many subscriptions per client (DOC-MQTT; `shared/protocol.md` G).
+const MAX_SUBSCRIPTIONS: usize = 5;
+
+/// Why a connection ended; logged once at the task boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed packet: {0:?}")]
+    Codec(CodecError),
+    #[error("no CONNECT within the timeout")]
+    ConnectTimeout,
+    #[error("the first packet was not CONNECT")]
+    NotConnect,
+    #[error("connection refused: {0}")]
+    Refused(String),
+    #[error("keep-alive expired")]
+    KeepAlive,
+    #[error("the SAS token expired")]
+    TokenExpired,
+    #[error("replaced by a newer connection of the same identity, or too slow to read")]
+    Closed,
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("the client stopped reading")]
+    WriteTimeout,
+}
+
+/// Reads and writes MQTT packets on any byte stream (TLS socket or WebSocket pipe).
+struct Framed<S> {
+    stream: S,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    fn new(stream: S) -> Self {
+        Self {
+            stream,
+            read_buf: BytesMut::with_capacity(4096),
+            write_buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// The next packet, or `None` when the peer closed cleanly. Cancel-safe: bytes already read
+    /// stay in `read_buf`.
+    async fn read(&mut self) -> Result<Option<Packet>, Error> {
+        loop {
+            // Reserved packet types (0 and 15) are refused by the codec's fixed-header check.
+            match v4::read(&mut self.read_buf, MAX_PACKET_BYTES) {
+                Ok(packet) => return Ok(Some(packet)),
+                Err(CodecError::InsufficientBytes(_)) => {}
+                Err(e) => return Err(Error::Codec(e)),
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return if self.read_buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Error::Codec(CodecError::InsufficientBytes(0)))
+                };
+            }
+        }
+    }
+
+    async fn write(&mut self, packet: Packet) -> Result<(), Error> {
+        let written = match &packet {
+            Packet::ConnAck(p) => p.write(&mut self.write_buf),
+            Packet::Publish(p) => p.write(&mut self.write_buf),
+            Packet::PubAck(p) => p.write(&mut self.write_buf),
+            Packet::SubAck(p) => p.write(&mut self.write_buf),
+            Packet::UnsubAck(p) => p.write(&mut self.write_buf),
+            Packet::PingResp => v4::PingResp.write(&mut self.write_buf),
+            other => unreachable!("the hub never sends {other:?}"),
+        };
+        written.map_err(Error::Codec)?;
+        let flush = async {
+            self.stream.write_all(&self.write_buf).await?;
+            self.stream.flush().await
+        };
+        let result = timeout(WRITE_TIMEOUT, flush).await;
+        self.write_buf.clear();
+        match result {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Error::WriteTimeout),
+        }
+    }
+}
+
+/// Serves one connection until it ends. `client_cert` is the TLS client certificate, if any.
+pub async fn run<S>(hub: Hub, stream: S, client_cert: Option<ClientCertInfo>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut framed = Framed::new(stream);
+    let accepted = match connect(&hub, &mut framed, client_cert.as_ref()).await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            tracing::info!(%peer, reason = %e, "mqtt connection refused");
+            return;
+        }
+    };
+    let key = accepted.key.clone();
+    let registration = hub.connections().register(&key);
+    let id = registration.id;
+    hub.registry()
+        .set_connected(&key, true, accepted.model_id.as_deref());
+    tracing::info!(%peer, identity = %key, "mqtt connected");
+    let result = Session::new(&hub, accepted, registration)
+        .run(&mut framed)
+        .await;
+    if hub.connections().unregister(&key, id) {
+        hub.registry().set_connected(&key, false, None);
+    }
+    match result {
+        Ok(()) => tracing::info!(%peer, identity = %key, "mqtt disconnected"),
+        Err(e) => tracing::info!(%peer, identity = %key, reason = %e, "mqtt connection closed"),
+    }
+    let _ = framed.stream.shutdown().await;
+}
+
+/// What CONNECT established.
+struct Accepted {
+    key: IdentityKey,
+    keep_alive: Duration,
+    clean_session: bool,
+    /// When the SAS token expires (unix seconds); `None` for X.509.
+    token_expiry: Option<u64>,
+    model_id: Option<String>,
+}
+
+async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    hub: &Hub,
+    framed: &mut Framed<S>,
+    client_cert: Option<&ClientCertInfo>,
+) -> Result<Accepted, Error> {
+    // [MQTT-3.1.0-1] The first packet from the client MUST be CONNECT.
+    let packet = match timeout(CONNECT_TIMEOUT, framed.read()).await {
+        Err(_) => return Err(Error::ConnectTimeout),
+        Ok(r) => r?,
+    };
+    let Some(Packet::Connect(connect)) = packet else {
+        return Err(Error::NotConnect);
+    };
+    if connect.protocol != Protocol::V4 {
+        return refuse(
+            framed,
+            ConnectReturnCode::RefusedProtocolVersion,
+            "only MQTT 3.1.1 is supported".into(),
+        )
+        .await;
+    }
+    let Some(key) = parse_client_id(&connect.client_id) else {
+        return refuse(
+            framed,
+            ConnectReturnCode::BadClientId,
+            format!(
+                "client id {:?} is not deviceId or deviceId/moduleId",
+                connect.client_id
+            ),
+        )
+        .await;
+    };
+    let (username, password) = connect
+        .login
+        .as_ref()
+        .map_or(("", ""), |l| (l.username.as_str(), l.password.as_str()));
+    let auth = if !password.is_empty() {
+        hub.authenticate_device(&key, password).map(Some)
+    } else if let Some(cert) = client_cert {
+        hub.authenticate_x509(&key, &cert.sha1, &cert.sha256, cert.common_name.as_deref())
+            .map(|()| None)
+    } else {
+        Err(HubError::unauthorized(
+            "no SAS token and no client certificate",
+        ))
+    };
+    let token_expiry = match auth {
+        Ok(expiry) => expiry,
+        Err(e) => {
+            // CONNACK 5 (not authorized) for every credential or identity problem; the SDKs
+            // treat it as final instead of retrying (C.2).
+            let code = match e.code {
+                ErrorCode::ServerError => ConnectReturnCode::ServiceUnavailable,
+                _ => ConnectReturnCode::NotAuthorized,
+            };
+            return refuse(framed, code, format!("{key}: {e}")).await;
+        }
+    };
+    let keep_alive = match connect.keep_alive {
+        0 => MAX_KEEP_ALIVE,
+        // The hub waits 1.5 × the client's keep-alive before giving up on it.
+        k => (Duration::from_secs(u64::from(k)) * 3 / 2).min(MAX_KEEP_ALIVE),
+    };
+    if connect.clean_session {
+        hub.connections().set_session(&key, 0);
+    }
+    let session_present = hub.connections().session(&key) != 0;
+    framed
+        .write(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            session_present,
+        )))
+        .await?;
+    Ok(Accepted {
+        key,
+        keep_alive,
+        clean_session: connect.clean_session,
+        token_expiry,
+        model_id: model_id_from_username(username),
+    })
+}
+
+/// Sends CONNACK with a refusal code and ends the connection attempt.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S>,
+    code: ConnectReturnCode,
+    why: String,
+) -> Result<Accepted, Error> {
+    let _ = framed
+        .write(Packet::ConnAck(ConnAck::new(code, false)))
+        .await;
+    Err(Error::Refused(why))
+}
+
+/// `{deviceId}` or `{deviceId}/{moduleId}`, each following IoT Hub's id rules.
+fn parse_client_id(client_id: &str) -> Option<IdentityKey> {
+    let key = match client_id.split_once('/') {
+        Some((d, m)) => IdentityKey::module(d, m),
+        None => IdentityKey::device(client_id),
+    };
+    validate_id(&key.device_id, "device id").ok()?;
+    if let Some(m) = &key.module_id {
+        validate_id(m, "module id").ok()?;
+    }
+    Some(key)
+}
+
+/// The `model-id` query parameter of a username `{host}/{clientId}/?{query}`. Parsed loosely:
+/// any api-version, unknown parameters, and a raw (unencoded) dtmi are all accepted (C.2).
+fn model_id_from_username(username: &str) -> Option<String> {
+    let (_, query) = username.split_once("/?")?;
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "model-id")
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .filter(|v| !v.is_empty())
+}
+
+/// A connected session.
+struct Session<'h> {
+    hub: &'h Hub,
+    key: IdentityKey,
+    keep_alive: Duration,
+    clean_session: bool,
+    token_expiry: Option<u64>,
+    registration: Registration,
+    /// Enabled features (bits of [`Feature`]), mirrored into the hub's session store.
+    features: u8,
+}
+
+impl<'h> Session<'h> {
+    fn new(hub: &'h Hub, accepted: Accepted, registration: Registration) -> Self {
+        let features = hub.connections().session(&accepted.key);
+        Self {
+            hub,
+            key: accepted.key,
+            keep_alive: accepted.keep_alive,
+            clean_session: accepted.clean_session,
+            token_expiry: accepted.token_expiry,
+            registration,
+            features,
+        }
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        framed: &mut Framed<S>,
+    ) -> Result<(), Error> {
+        let result = self.serve(framed).await;
+        if self.clean_session {
+            // [MQTT-3.1.2-6] A clean session ends with the connection.
+            self.hub.connections().set_session(&self.key, 0);
+        }
+        result
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        framed: &mut Framed<S>,
+    ) -> Result<(), Error> {
+        let token_deadline = self
+            .token_expiry
+            .map(|se| Instant::now() + Duration::from_secs(se.saturating_sub(unix_now())));
+        let mut keep_alive_deadline = Instant::now() + self.keep_alive;
+        let close = std::sync::Arc::clone(&self.registration.close);
+        loop {
+            tokio::select! {
+                packet = framed.read() => {
+                    let Some(packet) = packet? else { return Ok(()) };
+                    keep_alive_deadline = Instant::now() + self.keep_alive;
+                    if !self.handle(packet, framed).await? {
+                        return Ok(());
+                    }
+                }
+                event = self.registration.events.recv() => match event {
+                    Some(event) => self.deliver(event, framed).await?,
+                    None => return Err(Error::Closed),
+                },
+                () = close.notified() => return Err(Error::Closed),
+                () = tokio::time::sleep_until(keep_alive_deadline) => return Err(Error::KeepAlive),
+                () = sleep_until_opt(token_deadline) => return Err(Error::TokenExpired),
+            }
+        }
+    }
+
+    /// Handles one client packet; returns `false` when the client disconnected.
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        packet: Packet,
+        framed: &mut Framed<S>,
+    ) -> Result<bool, Error> {
+        match packet {
+            Packet::Publish(publish) => self.publish(publish, framed).await?,
+            Packet::Subscribe(subscribe) => {
+                let codes = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| self.subscribe(&f.path, f.qos))
+                    .collect();
+                self.hub.connections().set_session(&self.key, self.features);
+                framed
+                    .write(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
+                    .await?;
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                for filter in &unsubscribe.topics {
+                    if let Some(feature) = topic::parse_filter(filter, &self.key) {
+                        self.features &= !feature.bit();
+                    }
+                }
+                self.hub.connections().set_session(&self.key, self.features);
+                framed
+                    .write(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))
+                    .await?;
+            }
+            Packet::PingReq => framed.write(Packet::PingResp).await?,
+            // Acks for QoS 1 messages the hub sends (cloud-to-device, later) need no reply.
+            Packet::PubAck(_) => {}
+            Packet::Disconnect => return Ok(false),
+            Packet::Connect(_) => {
+                // [MQTT-3.1.0-2] A second CONNECT is a protocol violation.
+                return Err(Error::Protocol("second CONNECT".into()));
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected packet {:?}",
+                    std::mem::discriminant(&other)
+                )))
+            }
+        }
+        Ok(true)
+    }
+
+    fn subscribe(&mut self, filter: &str, qos: QoS) -> SubscribeReasonCode {
+        let Some(feature) = topic::parse_filter(filter, &self.key) else {
+            tracing::debug!(identity = %self.key, filter, "subscription refused");
+            return SubscribeReasonCode::Failure;
+        };
+        let active = Feature::ALL
+            .iter()
+            .filter(|f| self.features & f.bit() != 0)
+            .count();
+        if self.features & feature.bit() == 0 && active >= MAX_SUBSCRIPTIONS {
+            return SubscribeReasonCode::Failure;
+        }
+        self.features |= feature.bit();
+        // IoT Hub grants QoS 2 requests as QoS 1 (C.6).
+        SubscribeReasonCode::Success(match qos {
+            QoS::AtMostOnce => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        })
+    }
+
+    async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        publish: Publish,
+        framed: &mut Framed<S>,
+    ) -> Result<(), Error> {
+        if publish.qos == QoS::ExactlyOnce {
+            // IoT Hub does not support QoS 2 and closes the connection (C.6).
+            return Err(Error::Protocol("QoS 2 publish".into()));
+        }
+        let topic =
+            Topic::parse(&publish.topic, &self.key).map_err(|e| Error::Protocol(e.to_string()))?;
+        match topic {
+            Topic::TwinGet { rid } => {
+                let (status, body, version) = match self.hub.registry().device_twin(&self.key) {
+                    Ok(twin) => (200, twin, None),
+                    Err(e) => (e.code.status(), error_body(&e), None),
+                };
+                self.twin_response(framed, status, &rid, version, &body)
+                    .await?;
+            }
+            Topic::TwinPatchReported { rid } => {
+                let result = match serde_json::from_slice::<Value>(&publish.payload) {
+                    Ok(Value::Object(patch)) => {
+                        self.hub.registry().patch_reported(&self.key, &patch)
+                    }
+                    Ok(_) => Err(HubError::invalid(
+                        "The reported-properties patch must be a JSON object",
+                    )),
+                    Err(e) => Err(HubError::invalid(format!(
+                        "The reported-properties patch is not valid JSON: {e}"
+                    ))),
+                };
+                match result {
+                    Ok(version) => {
+                        self.twin_response(framed, 204, &rid, Some(version), &Value::Null)
+                            .await?;
+                    }
+                    Err(e) => {
+                        self.twin_response(framed, e.code.status(), &rid, None, &error_body(&e))
+                            .await?;
+                    }
+                }
+            }
+            Topic::MethodResponse { .. } => {
+                // No direct method is ever in flight yet, so every response is for an unknown
+                // $rid, which IoT Hub drops.
+                self.hub.registry().touch(&self.key);
+            }
+            Topic::Telemetry { .. } => {
+                // Telemetry is accepted and acknowledged, and recorded as activity; storing it
+                // for consumers is not built yet.
+                self.hub.registry().touch(&self.key);
+            }
+        }
+        if publish.qos == QoS::AtLeastOnce {
+            framed
+                .write(Packet::PubAck(PubAck::new(publish.pkid)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Twin responses go out whether or not `$iothub/twin/res/#` was subscribed: the Python SDK
+    /// may never subscribe it after a reconnect (C.3).
+    async fn twin_response<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        framed: &mut Framed<S>,
+        status: u16,
+        rid: &str,
+        version: Option<u64>,
+        body: &Value,
+    ) -> Result<(), Error> {
+        let payload = if body.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(body.to_string())
+        };
+        let topic = topic::format_twin_response(status, rid, version);
+        framed.write(Packet::Publish(qos0(topic, payload))).await
+    }
+
+    async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        event: Outbound,
+        framed: &mut Framed<S>,
+    ) -> Result<(), Error> {
+        match event {
+            Outbound::DesiredPatch(patch) => {
+                // Pushes go only to subscribed connections; the hub does not queue them (C.6).
+                if self.features & Feature::DesiredPatches.bit() == 0 {
+                    return Ok(());
+                }
+                let version = patch.get("$version").and_then(Value::as_u64).unwrap_or(0);
+                let topic = topic::format_desired(version);
+                framed
+                    .write(Packet::Publish(qos0(topic, Bytes::from(patch.to_string()))))
+                    .await
+            }
+        }
+    }
+}
+
+fn qos0(topic: String, payload: Bytes) -> Publish {
+    Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic,
+        pkid: 0,
+        payload,
+    }
+}
+
+/// The JSON body every twin error response carries: the Node SDK ignores the status and only
+/// sees an error when the body has a truthy `errorCode` (C.6).
+fn error_body(e: &HubError) -> Value {
+    json!({
+        "errorCode": e.code.number(),
+        "trackingId": format!("{:032x}", rand::random::<u128>()),
+        "message": e.message,
+        "timestampUtc": crate::timestamp::Timestamp::now(),
+    })
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids() {
+        assert_eq!(parse_client_id("dev1"), Some(IdentityKey::device("dev1")));
+        assert_eq!(
+            parse_client_id("dev1/mod1"),
+            Some(IdentityKey::module("dev1", "mod1"))
+        );
+        assert_eq!(parse_client_id(""), None);
+        assert_eq!(parse_client_id("dev1/"), None);
+        assert_eq!(parse_client_id("dev1/mod1/x"), None);
+        assert_eq!(parse_client_id("dev 1"), None);
+    }
+
+    #[test]
+    fn model_id_is_read_loosely() {
+        let py = "h/dev1/?api-version=2020-09-30&DeviceClientType=x&model-id=dtmi%3Acom%3Aexample%3AThermostat%3B1";
+        assert_eq!(
+            model_id_from_username(py).as_deref(),
+            Some("dtmi:com:example:Thermostat;1")
+        );
+        let node = "h/dev1/mod1/?api-version=2021-04-12&model-id=dtmi:com:example:Thermostat;1&DeviceClientType=y";
+        assert_eq!(
+            model_id_from_username(node).as_deref(),
+            Some("dtmi:com:example:Thermostat;1")
+        );
+        assert_eq!(model_id_from_username("h/dev1/?api-version=1"), None);
+        assert_eq!(model_id_from_username(""), None);
+    }
+}

@@ -1,0 +1,610 @@
+//! The identity registry and the twin store: every device, its modules, and their twins.
+//!
+//! # Locking
+//! Devices live in a sharded `DashMap`, each behind its own small `std::sync::Mutex` that also
+//! guards the device's modules and all their twins. Work on one device never waits for another,
+//! and a device's modules share its lock, which makes "delete a device and its modules", "at most
+//! N modules" and "a desired push leaves in version order" simple to get right. Every critical
+//! section is short and synchronous: no lock is held across an `.await`. A `DashMap` guard is
+//! never held while taking a record lock for longer than the clone of its `Arc`.
+//!
+//! A deleted record is marked `deleted` under its lock before it leaves the map, so an operation
+//! that fetched the `Arc` just before the delete sees "not found" instead of writing to a ghost.
+
+pub mod identity;
+
+pub use identity::{Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
+
+use crate::error::{ErrorCode, HubError, HubResult};
+use crate::timestamp::Timestamp;
+use crate::twin::Twin;
+use dashmap::DashMap;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The identity a device connection or a twin belongs to: a device, or a module of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey {
+    pub device_id: String,
+    pub module_id: Option<String>,
+}
+
+impl IdentityKey {
+    pub fn device(device_id: impl Into<String>) -> Self {
+        Self {
+            device_id: device_id.into(),
+            module_id: None,
+        }
+    }
+
+    pub fn module(device_id: impl Into<String>, module_id: impl Into<String>) -> Self {
+        Self {
+            device_id: device_id.into(),
+            module_id: Some(module_id.into()),
+        }
+    }
+}
+
+impl fmt::Display for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.module_id {
+            Some(m) => write!(f, "{}/{m}", self.device_id),
+            None => f.write_str(&self.device_id),
+        }
+    }
+}
+
+/// An `If-Match` precondition, quotes and `W/` already stripped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    /// No header: for PUT on an identity this means "create".
+    Absent,
+    /// `*`: any current version.
+    Any,
+    /// A specific etag.
+    Etag(String),
+}
+
+impl IfMatch {
+    /// Parses the header value as the SDKs send it: `"*"` or `"<etag>"`, quoted or not.
+    pub fn parse(header: Option<&str>) -> Self {
+        let Some(raw) = header.map(str::trim).filter(|s| !s.is_empty()) else {
+            return Self::Absent;
+        };
+        let raw = raw.strip_prefix("W/").unwrap_or(raw);
+        let raw = raw
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or(raw);
+        if raw == "*" {
+            Self::Any
+        } else {
+            Self::Etag(raw.to_owned())
+        }
+    }
+
+    fn check(&self, current: &str) -> HubResult<()> {
+        match self {
+            Self::Etag(e) if e != current => Err(HubError::precondition_failed()),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct ModuleRecord {
+    module: Module,
+    twin: Twin,
+}
+
+struct DeviceRecord {
+    device: Device,
+    twin: Twin,
+    modules: BTreeMap<String, ModuleRecord>,
+    deleted: bool,
+}
+
+/// Counts for `GET /statistics/devices`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    pub total: usize,
+    pub enabled: usize,
+    pub disabled: usize,
+}
+
+/// The registry: shared by the REST API (writes identities and desired twins) and the device
+/// front ends (read credentials, write reported properties and presence).
+pub struct Registry {
+    /// One record per device; see the module docs for the locking rules.
+    devices: DashMap<String, Arc<Mutex<DeviceRecord>>>,
+    /// Source of identity etags; a global atomic, not a lock.
+    etag_seq: AtomicU64,
+    /// Most modules a device may have (IoT Hub: 50).
+    max_modules: usize,
+}
+
+impl Registry {
+    pub fn new(max_modules: usize) -> Self {
+        Self {
+            devices: DashMap::new(),
+            etag_seq: AtomicU64::new(1),
+            max_modules,
+        }
+    }
+
+    fn next_etag(&self) -> String {
+        use base64::Engine;
+        let n = self.etag_seq.fetch_add(1, Ordering::Relaxed);
+        // Real identity etags are base64 of a decimal string ("MTIzNDU2Nzg=" is "12345678").
+        base64::engine::general_purpose::STANDARD.encode(format!("{n:08}"))
+    }
+
+    /// Locks a live device record, or says it is not found.
+    fn with_device<T>(
+        &self,
+        device_id: &str,
+        f: impl FnOnce(&mut DeviceRecord) -> HubResult<T>,
+    ) -> HubResult<T> {
+        let record = self
+            .devices
+            .get(device_id)
+            .map(|r| Arc::clone(r.value()))
+            .ok_or_else(|| HubError::device_not_found(device_id))?;
+        let mut guard = lock(&record);
+        if guard.deleted {
+            return Err(HubError::device_not_found(device_id));
+        }
+        f(&mut guard)
+    }
+
+    // ----- devices -----
+
+    /// `PUT /devices/{id}`: create (no If-Match) or update (If-Match `*` or an etag).
+    pub fn put_device(
+        &self,
+        device_id: &str,
+        body: &Map<String, Value>,
+        if_match: &IfMatch,
+    ) -> HubResult<Value> {
+        identity::validate_id(device_id, "Device id")?;
+        if *if_match == IfMatch::Absent {
+            let spec = DeviceSpec::from_json(device_id, body, None)?;
+            return match self.devices.entry(device_id.to_owned()) {
+                dashmap::Entry::Occupied(_) => Err(HubError::new(
+                    ErrorCode::DeviceAlreadyExists,
+                    format!("A device with ID '{device_id}' is already registered"),
+                )),
+                dashmap::Entry::Vacant(slot) => {
+                    let device = Device::new(device_id.to_owned(), spec, self.next_etag());
+                    let json = device.to_json();
+                    slot.insert(Arc::new(Mutex::new(DeviceRecord {
+                        device,
+                        twin: Twin::new(),
+                        modules: BTreeMap::new(),
+                        deleted: false,
+                    })));
+                    Ok(json)
+                }
+            };
+        }
+        self.with_device(device_id, |rec| {
+            if_match.check(&rec.device.common.etag)?;
+            let spec = DeviceSpec::from_json(device_id, body, Some(&rec.device))?;
+            rec.device.update(spec, self.next_etag());
+            Ok(rec.device.to_json())
+        })
+    }
+
+    pub fn get_device(&self, device_id: &str) -> HubResult<Value> {
+        self.with_device(device_id, |rec| Ok(rec.device.to_json()))
+    }
+
+    /// All devices, ordered by id, at most `top`.
+    pub fn list_devices(&self, top: usize) -> Vec<Value> {
+        let mut records: Vec<(String, Arc<Mutex<DeviceRecord>>)> = self
+            .devices
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        records
+            .iter()
+            .filter_map(|(_, r)| {
+                let rec = lock(r);
+                (!rec.deleted).then(|| rec.device.to_json())
+            })
+            .take(top)
+            .collect()
+    }
+
+    /// `DELETE /devices/{id}`: removes the device, its modules and their twins.
+    pub fn delete_device(&self, device_id: &str, if_match: &IfMatch) -> HubResult<()> {
+        self.with_device(device_id, |rec| {
+            if_match.check(&rec.device.common.etag)?;
+            rec.deleted = true;
+            Ok(())
+        })?;
+        self.devices.remove(device_id);
+        Ok(())
+    }
+
+    pub fn device_stats(&self) -> DeviceStats {
+        let records: Vec<_> = self.devices.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut stats = DeviceStats::default();
+        for r in records {
+            let rec = lock(&r);
+            if rec.deleted {
+                continue;
+            }
+            stats.total += 1;
+            match rec.device.status {
+                Status::Enabled => stats.enabled += 1,
+                Status::Disabled => stats.disabled += 1,
+            }
+        }
+        stats
+    }
+
+    // ----- modules -----
+
+    /// `PUT /devices/{id}/modules/{mid}`: create or update, like devices.
+    pub fn put_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        body: &Map<String, Value>,
+        if_match: &IfMatch,
+    ) -> HubResult<Value> {
+        identity::validate_id(module_id, "Module id")?;
+        self.with_device(device_id, |rec| match rec.modules.get_mut(module_id) {
+            Some(_) if *if_match == IfMatch::Absent => Err(HubError::new(
+                ErrorCode::ModuleAlreadyExistsOnDevice,
+                format!(
+                    "A module with ID '{module_id}' is already registered on device '{device_id}'"
+                ),
+            )),
+            Some(existing) => {
+                if_match.check(&existing.module.common.etag)?;
+                let spec =
+                    ModuleSpec::from_json(device_id, module_id, body, Some(&existing.module))?;
+                existing.module.update(spec, self.next_etag());
+                Ok(existing.module.to_json())
+            }
+            None if *if_match != IfMatch::Absent => {
+                Err(HubError::module_not_found(device_id, module_id))
+            }
+            None => {
+                let spec = ModuleSpec::from_json(device_id, module_id, body, None)?;
+                if rec.modules.len() >= self.max_modules {
+                    return Err(HubError::new(
+                        ErrorCode::TooManyModulesOnDevice,
+                        format!(
+                            "Device '{device_id}' already has the maximum of {} modules",
+                            self.max_modules
+                        ),
+                    ));
+                }
+                let module = Module::new(
+                    device_id.to_owned(),
+                    module_id.to_owned(),
+                    spec,
+                    self.next_etag(),
+                );
+                let json = module.to_json();
+                rec.modules.insert(
+                    module_id.to_owned(),
+                    ModuleRecord {
+                        module,
+                        twin: Twin::new(),
+                    },
+                );
+                Ok(json)
+            }
+        })
+    }
+
+    pub fn get_module(&self, device_id: &str, module_id: &str) -> HubResult<Value> {
+        self.with_device(device_id, |rec| {
+            module_of(rec, device_id, module_id).map(|m| m.module.to_json())
+        })
+    }
+
+    pub fn list_modules(&self, device_id: &str) -> HubResult<Vec<Value>> {
+        self.with_device(device_id, |rec| {
+            Ok(rec.modules.values().map(|m| m.module.to_json()).collect())
+        })
+    }
+
+    pub fn delete_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        if_match: &IfMatch,
+    ) -> HubResult<()> {
+        self.with_device(device_id, |rec| {
+            let m = module_of(rec, device_id, module_id)?;
+            if_match.check(&m.module.common.etag)?;
+            rec.modules.remove(module_id);
+            Ok(())
+        })
+    }
+
+    // ----- twins -----
+
+    /// The service view of a device or module twin.
+    pub fn get_twin(&self, key: &IdentityKey) -> HubResult<Value> {
+        self.with_device(&key.device_id, |rec| twin_json(rec, key))
+    }
+
+    /// `PATCH /twins/…`. `notify` runs under the device lock with the desired patch (and its
+    /// `$version`) when desired changed, so notifications leave in version order.
+    pub fn patch_twin(
+        &self,
+        key: &IdentityKey,
+        body: &Map<String, Value>,
+        if_match: &IfMatch,
+        notify: impl FnOnce(Value),
+    ) -> HubResult<Value> {
+        self.with_device(&key.device_id, |rec| {
+            let twin = twin_of(rec, key)?;
+            if_match.check(&twin.etag())?;
+            if let Some(note) = twin.patch_from_service(body)? {
+                notify(note);
+            }
+            twin_json(rec, key)
+        })
+    }
+
+    /// `PUT /twins/…`: replaces tags and desired; devices get the whole new desired document.
+    pub fn replace_twin(
+        &self,
+        key: &IdentityKey,
+        body: &Map<String, Value>,
+        if_match: &IfMatch,
+        notify: impl FnOnce(Value),
+    ) -> HubResult<Value> {
+        self.with_device(&key.device_id, |rec| {
+            let twin = twin_of(rec, key)?;
+            if_match.check(&twin.etag())?;
+            notify(twin.replace_from_service(body)?);
+            twin_json(rec, key)
+        })
+    }
+
+    /// The twin a device or module reads over its own connection.
+    pub fn device_twin(&self, key: &IdentityKey) -> HubResult<Value> {
+        self.with_device(
+            &key.device_id,
+            |rec| Ok(twin_of(rec, key)?.to_device_json()),
+        )
+    }
+
+    /// A device's reported-properties patch; returns the new reported `$version`.
+    pub fn patch_reported(&self, key: &IdentityKey, patch: &Map<String, Value>) -> HubResult<u64> {
+        self.with_device(&key.device_id, |rec| {
+            let version = twin_of(rec, key)?.patch_reported(patch)?;
+            if let Ok(common) = common_of(rec, key) {
+                common.presence.last_activity = Timestamp::now();
+            }
+            Ok(version)
+        })
+    }
+
+    // ----- device-facing identity -----
+
+    /// What the device front ends need to authenticate an identity.
+    pub fn credentials(&self, key: &IdentityKey) -> HubResult<(Credentials, Status)> {
+        self.with_device(&key.device_id, |rec| {
+            let status = rec.device.status;
+            Ok((common_of(rec, key)?.credentials.clone(), status))
+        })
+    }
+
+    /// Records a connect or disconnect, and the model id a device announced on connect.
+    pub fn set_connected(&self, key: &IdentityKey, connected: bool, model_id: Option<&str>) {
+        let _ = self.with_device(&key.device_id, |rec| {
+            if let (Some(model), Ok(twin)) = (model_id, twin_of(rec, key)) {
+                twin.model_id = model.to_owned();
+            }
+            let common = common_of(rec, key)?;
+            let now = Timestamp::now();
+            common.presence.connected = connected;
+            common.presence.state_updated = now;
+            if connected {
+                common.presence.last_activity = now;
+            }
+            Ok(())
+        });
+    }
+
+    /// Records device activity (a message or request from it).
+    pub fn touch(&self, key: &IdentityKey) {
+        let _ = self.with_device(&key.device_id, |rec| {
+            common_of(rec, key)?.presence.last_activity = Timestamp::now();
+            Ok(())
+        });
+    }
+}
+
+fn lock(record: &Mutex<DeviceRecord>) -> MutexGuard<'_, DeviceRecord> {
+    // A panic while holding the lock cannot leave a half-applied change (every change is built on
+    // a copy first), so a poisoned lock is safe to keep using.
+    record
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn module_of<'a>(
+    rec: &'a mut DeviceRecord,
+    device_id: &str,
+    module_id: &str,
+) -> HubResult<&'a mut ModuleRecord> {
+    rec.modules
+        .get_mut(module_id)
+        .ok_or_else(|| HubError::module_not_found(device_id, module_id))
+}
+
+fn twin_of<'a>(rec: &'a mut DeviceRecord, key: &IdentityKey) -> HubResult<&'a mut Twin> {
+    match &key.module_id {
+        None => Ok(&mut rec.twin),
+        Some(m) => Ok(&mut module_of(rec, &key.device_id, m)?.twin),
+    }
+}
+
+fn common_of<'a>(
+    rec: &'a mut DeviceRecord,
+    key: &IdentityKey,
+) -> HubResult<&'a mut identity::Common> {
+    match &key.module_id {
+        None => Ok(&mut rec.device.common),
+        Some(m) => Ok(&mut module_of(rec, &key.device_id, m)?.module.common),
+    }
+}
+
+/// The full service-side twin JSON: identity fields plus the document.
+fn twin_json(rec: &mut DeviceRecord, key: &IdentityKey) -> HubResult<Value> {
+    let mut out = Map::new();
+    let twin = match &key.module_id {
+        None => {
+            rec.device.write_twin_fields(&mut out);
+            &rec.twin
+        }
+        Some(m) => {
+            let record = rec
+                .modules
+                .get(m)
+                .ok_or_else(|| HubError::module_not_found(&key.device_id, m))?;
+            record.module.write_twin_fields(&rec.device, &mut out);
+            &record.twin
+        }
+    };
+    out.insert("modelId".into(), Value::String(twin.model_id.clone()));
+    twin.write_service_fields(&mut out);
+    Ok(Value::Object(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn if_match_parsing() {
+        assert_eq!(IfMatch::parse(None), IfMatch::Absent);
+        assert_eq!(IfMatch::parse(Some("\"*\"")), IfMatch::Any);
+        assert_eq!(IfMatch::parse(Some("*")), IfMatch::Any);
+        assert_eq!(
+            IfMatch::parse(Some("W/\"abc\"")),
+            IfMatch::Etag("abc".into())
+        );
+        assert_eq!(
+            IfMatch::parse(Some("\"AAAAAAAAAAE=\"")),
+            IfMatch::Etag("AAAAAAAAAAE=".into())
+        );
+    }
+
+    #[test]
+    fn create_update_and_etags() {
+        let reg = Registry::new(50);
+        let created = reg.put_device("d1", &Map::new(), &IfMatch::Absent).unwrap();
+        let err = reg
+            .put_device("d1", &Map::new(), &IfMatch::Absent)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::DeviceAlreadyExists);
+        let stale = IfMatch::Etag("nope".into());
+        let err = reg
+            .put_device("d1", &obj(json!({"status":"disabled"})), &stale)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::PreconditionFailed);
+        let etag = IfMatch::Etag(created["etag"].as_str().unwrap().into());
+        let updated = reg
+            .put_device("d1", &obj(json!({"status":"disabled"})), &etag)
+            .unwrap();
+        assert_eq!(updated["status"], "disabled");
+        assert_ne!(updated["etag"], created["etag"]);
+        // Keys survive an update that leaves them out.
+        assert_eq!(updated["authentication"], created["authentication"]);
+        let err = reg
+            .put_device("nope", &Map::new(), &IfMatch::Any)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::DeviceNotFound);
+    }
+
+    #[test]
+    fn deleting_a_device_deletes_its_modules() {
+        let reg = Registry::new(50);
+        reg.put_device("d", &Map::new(), &IfMatch::Absent).unwrap();
+        reg.put_module("d", "m", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        reg.delete_device("d", &IfMatch::Any).unwrap();
+        reg.put_device("d", &Map::new(), &IfMatch::Absent).unwrap();
+        let err = reg.get_module("d", "m").unwrap_err();
+        assert_eq!(err.code, ErrorCode::ModuleNotFound);
+    }
+
+    #[test]
+    fn module_limit_is_enforced() {
+        let reg = Registry::new(2);
+        reg.put_device("d", &Map::new(), &IfMatch::Absent).unwrap();
+        reg.put_module("d", "a", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        reg.put_module("d", "b", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        let err = reg
+            .put_module("d", "c", &Map::new(), &IfMatch::Absent)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooManyModulesOnDevice);
+        assert_eq!(reg.list_modules("d").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn twin_patch_notifies_in_order_and_checks_etag() {
+        let reg = Registry::new(50);
+        reg.put_device("d", &Map::new(), &IfMatch::Absent).unwrap();
+        reg.put_module("d", "m", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        let key = IdentityKey::module("d", "m");
+        let mut notes = Vec::new();
+        let twin = reg.get_twin(&key).unwrap();
+        let etag = IfMatch::Etag(twin["etag"].as_str().unwrap().into());
+        let patch = obj(json!({"properties":{"desired":{"a":1}}}));
+        reg.patch_twin(&key, &patch, &etag, |n| notes.push(n))
+            .unwrap();
+        let err = reg
+            .patch_twin(&key, &patch, &etag, |n| notes.push(n))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::PreconditionFailed);
+        reg.patch_twin(
+            &key,
+            &obj(json!({"properties":{"desired":{"b":2}}})),
+            &IfMatch::Any,
+            |n| notes.push(n),
+        )
+        .unwrap();
+        assert_eq!(
+            notes,
+            [json!({"a":1,"$version":2}), json!({"b":2,"$version":3})]
+        );
+        let twin = reg.get_twin(&key).unwrap();
+        assert_eq!(twin["moduleId"], "m");
+        assert_eq!(twin["properties"]["desired"]["$version"], 3);
+    }
+
+    #[test]
+    fn reported_patch_is_visible_to_the_service() {
+        let reg = Registry::new(50);
+        reg.put_device("d", &Map::new(), &IfMatch::Absent).unwrap();
+        let key = IdentityKey::device("d");
+        let v = reg.patch_reported(&key, &obj(json!({"fw":"2"}))).unwrap();
+        assert_eq!(v, 2);
+        let twin = reg.get_twin(&key).unwrap();
+        assert_eq!(twin["properties"]["reported"]["fw"], "2");
+        assert!(twin["properties"]["reported"]["$metadata"]["fw"]["$lastUpdated"].is_string());
+    }
+}

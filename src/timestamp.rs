@@ -1,0 +1,69 @@
+//! Points in time as IoT Hub writes them: ISO-8601 UTC with seven fractional digits, and
+//! `0001-01-01T00:00:00Z` for "never".
+
+use std::fmt;
+use time::OffsetDateTime;
+
+/// A UTC instant, or "never".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(Option<OffsetDateTime>);
+
+impl Timestamp {
+    /// The value IoT Hub shows for something that has not happened yet.
+    pub const NEVER: Self = Self(None);
+
+    pub fn now() -> Self {
+        Self(Some(OffsetDateTime::now_utc()))
+    }
+
+    /// Seconds since the unix epoch (0 for never).
+    pub fn unix_seconds(self) -> i64 {
+        self.0.map_or(0, OffsetDateTime::unix_timestamp)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(t) = self.0 else {
+            return f.write_str("0001-01-01T00:00:00Z");
+        };
+        // Seven fractional digits (100 ns ticks), as .NET's round-trip format writes them.
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.nanosecond() / 100
+        )
+    }
+}
+
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Current unix time in seconds, for token expiry checks.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn formats_like_iot_hub() {
+        assert_eq!(Timestamp::NEVER.to_string(), "0001-01-01T00:00:00Z");
+        let t = Timestamp(Some(datetime!(2023-02-17 21:26:10.583_563_3 UTC)));
+        assert_eq!(t.to_string(), "2023-02-17T21:26:10.5835633Z");
+    }
+}

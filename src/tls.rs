@@ -1,0 +1,295 @@
+//! TLS for every listener: a local CA kept in the certs directory, a server certificate made
+//! fresh at each start for exactly the names the hub answers to, and client-certificate requests
+//! for X.509 device authentication.
+//!
+//! - The CA (`ca.pem`, `ca.key`) is generated once with `rcgen` and reused, so users trust it
+//!   once. The server certificate is re-issued from it at every start (a few milliseconds), so
+//!   its SANs always match the current `--hostname`, `--bind` and `--san` flags.
+//! - TLS 1.2 stays enabled: the Python device SDK speaks only 1.2 (`shared/protocol.md` C.1).
+//! - Client certificates are requested but not required, and any certificate is accepted at the
+//!   TLS layer (after checking the handshake signature proves possession of its key). The hub
+//!   then authenticates it by thumbprint or subject, as IoT Hub does for self-signed
+//!   certificates.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::crypto::{ring, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsName, ServerConfig, SignatureScheme};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const CA_CERT_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+const CA_NAME: &str = "iothub-emulator local CA (insecure, emulator only)";
+
+/// Where a user-supplied server certificate and key come from, instead of the generated ones.
+#[derive(Debug, Clone)]
+pub struct UserCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The result of setting TLS up: the config to serve with and the CA path to tell users about.
+pub struct Tls {
+    pub server_config: Arc<ServerConfig>,
+    /// The CA file clients must trust (the generated CA, or the user's certificate chain).
+    pub ca_path: PathBuf,
+}
+
+/// Loads or creates the CA in `certs_dir` and issues a server certificate for `names`, or
+/// loads the user's own certificate and key.
+pub fn setup(certs_dir: &Path, names: &[String], user: Option<&UserCert>) -> Result<Tls, String> {
+    let (chain, key, ca_path) = match user {
+        Some(u) => {
+            let chain = read_certs(&u.cert)?;
+            let key = read_key(&u.key)?;
+            (chain, key, u.cert.clone())
+        }
+        None => {
+            let (ca_params, ca_key, ca_path) = load_or_create_ca(certs_dir)?;
+            let ca_cert = ca_params
+                .self_signed(&ca_key)
+                .map_err(|e| format!("cannot rebuild the CA certificate: {e}"))?;
+            let server_key = KeyPair::generate().map_err(|e| e.to_string())?;
+            let server = server_params(names)?
+                .signed_by(&server_key, &ca_cert, &ca_key)
+                .map_err(|e| format!("cannot issue the server certificate: {e}"))?;
+            let key = PrivateKeyDer::try_from(server_key.serialize_der())
+                .map_err(|e| format!("server key: {e}"))?;
+            (
+                vec![server.der().clone(), ca_cert.der().clone()],
+                key,
+                ca_path,
+            )
+        }
+    };
+    let provider = Arc::new(ring::default_provider());
+    let verifier = Arc::new(AnyClientCert {
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("the server certificate and key do not fit together: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Tls {
+        server_config: Arc::new(config),
+        ca_path,
+    })
+}
+
+/// The CA's parameters are fixed, so rebuilding them from the stored key yields the same
+/// subject and key identifier as the stored `ca.pem`, and certificates it issues chain to it.
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_NAME);
+    dn.push(DnType::OrganizationName, "iothub-emulator");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+    params
+}
+
+fn load_or_create_ca(dir: &Path) -> Result<(CertificateParams, KeyPair, PathBuf), String> {
+    let cert_path = dir.join(CA_CERT_FILE);
+    let key_path = dir.join(CA_KEY_FILE);
+    if key_path.exists() && cert_path.exists() {
+        let pem = std::fs::read_to_string(&key_path)
+            .map_err(|e| format!("cannot read {}: {e}", key_path.display()))?;
+        let key = KeyPair::from_pem(&pem)
+            .map_err(|e| format!("{} is not a usable key: {e}", key_path.display()))?;
+        return Ok((ca_params(), key, cert_path));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create certs dir {}: {e}", dir.display()))?;
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = ca_params()
+        .self_signed(&key)
+        .map_err(|e| format!("cannot create the CA: {e}"))?;
+    write_private(&key_path, &key.serialize_pem())?;
+    std::fs::write(&cert_path, cert.pem())
+        .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+    Ok((ca_params(), key, cert_path))
+}
+
+fn server_params(names: &[String]) -> Result<CertificateParams, String> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        names.first().map_or("localhost", String::as_str),
+    );
+    params.distinguished_name = dn;
+    for name in names {
+        let san = match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                name.clone()
+                    .try_into()
+                    .map_err(|_| format!("{name:?} is not a valid certificate name"))?,
+            ),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    Ok(params)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    rustls_pemfile::private_key(&mut std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .ok_or_else(|| format!("{} holds no PEM private key", path.display()))
+}
+
+/// Requests a client certificate, accepts any (including self-signed), and checks that the
+/// client holds its private key. Which identity the certificate proves is the hub's decision.
+#[derive(Debug)]
+struct AnyClientCert {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[TlsName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Facts about a client certificate that X.509 authentication needs.
+#[derive(Debug, Clone)]
+pub struct ClientCertInfo {
+    /// SHA-1 thumbprint, upper-case hex (what IoT Hub's `primaryThumbprint` usually holds).
+    pub sha1: String,
+    /// SHA-256 thumbprint, upper-case hex.
+    pub sha256: String,
+    /// The subject's common name, if any.
+    pub common_name: Option<String>,
+}
+
+impl ClientCertInfo {
+    pub fn from_der(der: &[u8]) -> Self {
+        use sha1::Digest as _;
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02X}")).collect::<String>();
+        let common_name = x509_parser::parse_x509_certificate(der)
+            .ok()
+            .and_then(|(_, cert)| {
+                cert.subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|cn| cn.as_str().ok())
+                    .map(str::to_owned)
+            });
+        Self {
+            sha1: hex(&sha1::Sha1::digest(der)),
+            sha256: hex(&sha2::Sha256::digest(der)),
+            common_name,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_owned(), "127.0.0.2".to_owned()];
+        let first = setup(dir.path(), &names, None).unwrap();
+        let ca_before = std::fs::read_to_string(&first.ca_path).unwrap();
+        let second = setup(dir.path(), &names, None).unwrap();
+        assert_eq!(std::fs::read_to_string(&second.ca_path).unwrap(), ca_before);
+        assert!(ca_before.contains("BEGIN CERTIFICATE"));
+    }
+}

@@ -1,0 +1,658 @@
+//! Twin documents: tags, desired and reported properties, their versions and `$metadata`.
+//!
+//! This module is pure logic with no locking: the registry owns one [`Twin`] per device and per
+//! module under that identity's lock. Every write is validated *before* anything changes
+//! ([`Twin::patch_desired`] and friends build the new section on a copy and commit it only when
+//! every limit holds), so a rejected patch leaves the twin exactly as it was.
+//!
+//! Rules (`shared/protocol.md` D; Microsoft's "Understand and use device twins in IoT Hub"):
+//! - PATCH merges recursively; `null` deletes; any non-object value, arrays included, replaces.
+//! - PUT replaces `tags` and `properties.desired` whole; `reported` is written only by the device.
+//! - `$metadata` mirrors every object and leaf with `$lastUpdated`, plus `$lastUpdatedVersion` on
+//!   the desired side.
+//! - Limits: tags 8 KB, desired and reported 32 KB each (keys plus values; numbers count 8 bytes,
+//!   booleans 4), keys ≤ 1 KB without control characters, `.`, `$` or space, strings ≤ 4 KB,
+//!   depth ≤ 10, integers within ±2^52.
+
+use crate::error::{HubError, HubResult};
+use crate::timestamp::Timestamp;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+/// Size limit of `tags`, in bytes as IoT Hub counts them.
+pub const TAGS_MAX_BYTES: usize = 8 * 1024;
+/// Size limit of `properties.desired` and of `properties.reported`.
+pub const PROPERTIES_MAX_BYTES: usize = 32 * 1024;
+/// Longest string value.
+pub const STRING_MAX_BYTES: usize = 4 * 1024;
+/// Longest key.
+pub const KEY_MAX_BYTES: usize = 1024;
+/// Deepest nesting of objects, counting the section's own keys as level 1.
+pub const MAX_DEPTH: usize = 10;
+/// Largest magnitude of an integer value (IoT Hub stores numbers as doubles).
+pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
+
+/// `$metadata` of one object or leaf.
+#[derive(Debug, Clone, PartialEq)]
+struct Meta {
+    last_updated: Timestamp,
+    /// Desired side only: the section version that last wrote this node.
+    last_updated_version: Option<u64>,
+    children: BTreeMap<String, Meta>,
+}
+
+impl Meta {
+    fn stamp(at: Timestamp, version: Option<u64>) -> Self {
+        Self {
+            last_updated: at,
+            last_updated_version: version,
+            children: BTreeMap::new(),
+        }
+    }
+
+    /// Metadata for a whole new value: every object and leaf under it gets the same stamp.
+    fn for_value(value: &Value, at: Timestamp, version: Option<u64>) -> Self {
+        let mut meta = Self::stamp(at, version);
+        if let Value::Object(map) = value {
+            for (k, v) in map {
+                meta.children
+                    .insert(k.clone(), Self::for_value(v, at, version));
+            }
+        }
+        meta
+    }
+
+    fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        out.insert("$lastUpdated".into(), json!(self.last_updated.to_string()));
+        if let Some(v) = self.last_updated_version {
+            out.insert("$lastUpdatedVersion".into(), json!(v));
+        }
+        for (k, child) in &self.children {
+            out.insert(k.clone(), child.to_json());
+        }
+        Value::Object(out)
+    }
+}
+
+/// One properties section (desired or reported) with its version and metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Section {
+    properties: Map<String, Value>,
+    meta: Meta,
+    version: u64,
+    /// Whether metadata carries `$lastUpdatedVersion` (desired: yes; reported: no).
+    versioned_meta: bool,
+}
+
+impl Section {
+    fn new(versioned_meta: bool) -> Self {
+        Self {
+            properties: Map::new(),
+            meta: Meta::stamp(Timestamp::NEVER, None),
+            version: 1,
+            versioned_meta,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn properties(&self) -> &Map<String, Value> {
+        &self.properties
+    }
+
+    /// The section as the service sees it: properties, `$metadata`, `$version`.
+    pub fn to_service_json(&self) -> Value {
+        let mut out = self.properties.clone();
+        out.insert("$metadata".into(), self.meta.to_json());
+        out.insert("$version".into(), json!(self.version));
+        Value::Object(out)
+    }
+
+    /// The section as a device sees it over MQTT: properties and `$version`, no metadata.
+    pub fn to_device_json(&self) -> Value {
+        let mut out = self.properties.clone();
+        out.insert("$version".into(), json!(self.version));
+        Value::Object(out)
+    }
+
+    /// Merges `patch` into a copy, checks limits, and only then commits.
+    fn patch(&mut self, patch: &Map<String, Value>, max_bytes: usize, what: &str) -> HubResult<()> {
+        validate_object(patch, 1, what, true)?;
+        let version = self.version + 1;
+        let stamp_version = self.versioned_meta.then_some(version);
+        let now = Timestamp::now();
+        let mut properties = self.properties.clone();
+        let mut meta = self.meta.clone();
+        merge(&mut properties, &mut meta, patch, now, stamp_version);
+        check_size(&properties, max_bytes, what)?;
+        self.properties = properties;
+        self.meta = meta;
+        self.version = version;
+        Ok(())
+    }
+
+    /// Replaces the whole section, after the same checks as a patch.
+    fn replace(
+        &mut self,
+        properties: Map<String, Value>,
+        max_bytes: usize,
+        what: &str,
+    ) -> HubResult<()> {
+        validate_object(&properties, 1, what, false)?;
+        check_size(&properties, max_bytes, what)?;
+        let version = self.version + 1;
+        let stamp_version = self.versioned_meta.then_some(version);
+        let whole = Value::Object(properties);
+        self.meta = Meta::for_value(&whole, Timestamp::now(), stamp_version);
+        let Value::Object(properties) = whole else {
+            unreachable!("built from an object just above")
+        };
+        self.properties = properties;
+        self.version = version;
+        Ok(())
+    }
+}
+
+/// A device or module twin's document state (identity fields live in the registry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Twin {
+    tags: Map<String, Value>,
+    pub desired: Section,
+    pub reported: Section,
+    /// Goes up on every change to tags, desired or reported.
+    version: u64,
+    /// Goes up on every service-side write (tags or desired); the twin etag is derived from it.
+    etag_counter: u64,
+    /// The DTDL model id a device announced on connect (`model-id` in the MQTT username).
+    pub model_id: String,
+}
+
+impl Default for Twin {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Twin {
+    pub fn new() -> Self {
+        Self {
+            tags: Map::new(),
+            desired: Section::new(true),
+            reported: Section::new(false),
+            version: 1,
+            etag_counter: 1,
+            model_id: String::new(),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn tags(&self) -> &Map<String, Value> {
+        &self.tags
+    }
+
+    /// The twin etag: base64 of an 8-byte big-endian counter, the shape real hubs use
+    /// (`"AAAAAAAAAAE="`).
+    pub fn etag(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(self.etag_counter.to_be_bytes())
+    }
+
+    /// Applies a service PATCH (`{"tags":…, "properties":{"desired":…}}`). Returns the desired
+    /// patch that devices must be told about, with `$version`, if desired changed.
+    ///
+    /// Read-only fields that clients echo back (identity fields, `reported`, `$metadata`,
+    /// `$version`) are ignored, as IoT Hub does: the CLI PATCHes the whole fetched twin.
+    pub fn patch_from_service(&mut self, body: &Map<String, Value>) -> HubResult<Option<Value>> {
+        let (tags, desired) = writable_parts(body)?;
+        if tags.is_none() && desired.is_none() {
+            return Ok(None);
+        }
+        let mut next = self.clone();
+        if let Some(tags) = tags {
+            let mut meta = Meta::stamp(Timestamp::NEVER, None);
+            validate_object(tags, 1, "tags", true)?;
+            let mut merged = next.tags.clone();
+            merge(&mut merged, &mut meta, tags, Timestamp::now(), None);
+            check_size(&merged, TAGS_MAX_BYTES, "tags")?;
+            next.tags = merged;
+        }
+        let mut notification = None;
+        if let Some(desired) = desired {
+            next.desired
+                .patch(&desired, PROPERTIES_MAX_BYTES, "properties.desired")?;
+            let mut patch = desired;
+            patch.insert("$version".into(), json!(next.desired.version));
+            notification = Some(Value::Object(patch));
+        }
+        next.version += 1;
+        next.etag_counter += 1;
+        *self = next;
+        Ok(notification)
+    }
+
+    /// Applies a service PUT: tags and desired are replaced whole (absent means empty). Returns
+    /// the full new desired document, with `$version`, for the devices.
+    pub fn replace_from_service(&mut self, body: &Map<String, Value>) -> HubResult<Value> {
+        let (tags, desired) = writable_parts(body)?;
+        let tags = tags.cloned().unwrap_or_default();
+        validate_object(&tags, 1, "tags", false)?;
+        check_size(&tags, TAGS_MAX_BYTES, "tags")?;
+        let mut next = self.clone();
+        next.tags = tags;
+        next.desired.replace(
+            desired.unwrap_or_default(),
+            PROPERTIES_MAX_BYTES,
+            "properties.desired",
+        )?;
+        next.version += 1;
+        next.etag_counter += 1;
+        *self = next;
+        Ok(self.desired.to_device_json())
+    }
+
+    /// Applies a device's reported-properties patch; returns the new reported `$version`.
+    pub fn patch_reported(&mut self, patch: &Map<String, Value>) -> HubResult<u64> {
+        self.reported
+            .patch(patch, PROPERTIES_MAX_BYTES, "properties.reported")?;
+        self.version += 1;
+        Ok(self.reported.version)
+    }
+
+    /// The document a device gets for `$iothub/twin/GET` (`shared/protocol.md` C.6).
+    pub fn to_device_json(&self) -> Value {
+        json!({
+            "desired": self.desired.to_device_json(),
+            "reported": self.reported.to_device_json(),
+        })
+    }
+
+    /// The twin-owned part of the service JSON: tags (left out when empty, as IoT Hub does),
+    /// properties with metadata, version and etag. Identity fields are added by the registry.
+    pub fn write_service_fields(&self, out: &mut Map<String, Value>) {
+        out.insert("etag".into(), json!(self.etag()));
+        out.insert("version".into(), json!(self.version));
+        if !self.tags.is_empty() {
+            out.insert("tags".into(), Value::Object(self.tags.clone()));
+        }
+        out.insert(
+            "properties".into(),
+            json!({
+                "desired": self.desired.to_service_json(),
+                "reported": self.reported.to_service_json(),
+            }),
+        );
+    }
+}
+
+/// Picks the service-writable parts out of a twin body: `tags` and `properties.desired` (with
+/// `$`-prefixed keys such as `$metadata` and `$version` dropped from desired's root).
+fn writable_parts(
+    body: &Map<String, Value>,
+) -> HubResult<(Option<&Map<String, Value>>, Option<Map<String, Value>>)> {
+    let tags = match body.get("tags") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(t)) => Some(t),
+        Some(_) => return Err(HubError::invalid("'tags' must be a JSON object")),
+    };
+    let desired = match body.get("properties") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(p)) => match p.get("desired") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(d)) => Some(
+                d.iter()
+                    .filter(|(k, _)| !k.starts_with('$'))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            Some(_) => {
+                return Err(HubError::invalid(
+                    "'properties.desired' must be a JSON object",
+                ))
+            }
+        },
+        Some(_) => return Err(HubError::invalid("'properties' must be a JSON object")),
+    };
+    Ok((tags, desired))
+}
+
+/// Recursive merge with metadata upkeep. Assumes `patch` was validated.
+fn merge(
+    target: &mut Map<String, Value>,
+    meta: &mut Meta,
+    patch: &Map<String, Value>,
+    at: Timestamp,
+    version: Option<u64>,
+) {
+    meta.last_updated = at;
+    meta.last_updated_version = version;
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(key);
+                meta.children.remove(key);
+            }
+            Value::Object(sub) => {
+                let slot = target
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Value::Object(Map::new());
+                    meta.children.remove(key);
+                }
+                let child_meta = meta
+                    .children
+                    .entry(key.clone())
+                    .or_insert_with(|| Meta::stamp(at, version));
+                if let Value::Object(child) = slot {
+                    merge(child, child_meta, sub, at, version);
+                }
+            }
+            leaf => {
+                target.insert(key.clone(), leaf.clone());
+                meta.children
+                    .insert(key.clone(), Meta::for_value(leaf, at, version));
+            }
+        }
+    }
+}
+
+/// Checks keys, value types, string lengths, integer range and depth. `allow_null` is true for
+/// patches, where `null` means "delete".
+fn validate_object(
+    map: &Map<String, Value>,
+    depth: usize,
+    path: &str,
+    allow_null: bool,
+) -> HubResult<()> {
+    if depth > MAX_DEPTH {
+        return Err(HubError::invalid(format!(
+            "{path}: nesting is deeper than the maximum of {MAX_DEPTH} levels"
+        )));
+    }
+    for (key, value) in map {
+        validate_key(key, path)?;
+        validate_value(value, depth, &format!("{path}.{key}"), allow_null)?;
+    }
+    Ok(())
+}
+
+fn validate_value(value: &Value, depth: usize, path: &str, allow_null: bool) -> HubResult<()> {
+    match value {
+        Value::Null if allow_null => Ok(()),
+        Value::Null => Err(HubError::invalid(format!(
+            "{path}: null is only allowed in a patch, to delete a property"
+        ))),
+        Value::String(s) if s.len() > STRING_MAX_BYTES => Err(HubError::invalid(format!(
+            "{path}: string value is longer than {STRING_MAX_BYTES} bytes"
+        ))),
+        Value::Number(n) => {
+            let in_range = match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => (-MAX_SAFE_INT - 1..=MAX_SAFE_INT).contains(&i),
+                (None, Some(_)) => false,
+                (None, None) => n.as_f64().is_some_and(f64::is_finite),
+            };
+            if in_range {
+                Ok(())
+            } else {
+                Err(HubError::invalid(format!(
+                    "{path}: integer is outside the supported range {} to {MAX_SAFE_INT}",
+                    -MAX_SAFE_INT - 1
+                )))
+            }
+        }
+        Value::Object(sub) => validate_object(sub, depth + 1, path, allow_null),
+        Value::Array(items) => {
+            // Array elements are values, not patches: a null inside an array is kept as data.
+            for (i, item) in items.iter().enumerate() {
+                if !item.is_null() {
+                    validate_value(item, depth + 1, &format!("{path}[{i}]"), false)?;
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn validate_key(key: &str, path: &str) -> HubResult<()> {
+    let bad = |why: &str| {
+        Err(HubError::invalid(format!(
+            "{path}: property name '{}' {why}",
+            key.chars().take(64).collect::<String>()
+        )))
+    };
+    if key.is_empty() {
+        return bad("is empty");
+    }
+    if key.len() > KEY_MAX_BYTES {
+        return bad("is longer than 1024 bytes");
+    }
+    if key
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '.' | '$' | ' '))
+    {
+        return bad(
+            "contains a character IoT Hub does not allow (control characters, '.', '$' or space)",
+        );
+    }
+    Ok(())
+}
+
+/// IoT Hub's size measure: key bytes plus value bytes; numbers 8, booleans 4.
+fn size_of(map: &Map<String, Value>) -> usize {
+    map.iter().map(|(k, v)| k.len() + value_size(v)).sum()
+}
+
+fn value_size(v: &Value) -> usize {
+    match v {
+        Value::Null => 0,
+        Value::Bool(_) => 4,
+        Value::Number(_) => 8,
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(value_size).sum(),
+        Value::Object(m) => size_of(m),
+    }
+}
+
+fn check_size(map: &Map<String, Value>, max: usize, what: &str) -> HubResult<()> {
+    let size = size_of(map);
+    if size > max {
+        return Err(HubError::invalid(format!(
+            "{what} would be {size} bytes, over the maximum of {max} bytes"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn patch_merges_recursively_and_null_deletes() {
+        let mut twin = Twin::new();
+        twin.patch_from_service(&obj(
+            json!({"properties":{"desired":{"a":{"b":1,"c":2},"d":true}}}),
+        ))
+        .unwrap();
+        let note = twin
+            .patch_from_service(&obj(
+                json!({"properties":{"desired":{"a":{"b":null,"e":[1,2]},"d":"x"}}}),
+            ))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            Value::Object(twin.desired.properties().clone()),
+            json!({"a":{"c":2,"e":[1,2]},"d":"x"})
+        );
+        assert_eq!(note, json!({"a":{"b":null,"e":[1,2]},"d":"x","$version":3}));
+        assert_eq!(twin.desired.version(), 3);
+        assert_eq!(twin.version(), 3);
+    }
+
+    #[test]
+    fn arrays_replace_whole_and_objects_replace_leaves() {
+        let mut twin = Twin::new();
+        twin.patch_reported(&obj(json!({"list":[1,2,3],"x":5})))
+            .unwrap();
+        twin.patch_reported(&obj(json!({"list":[9],"x":{"y":1}})))
+            .unwrap();
+        assert_eq!(
+            Value::Object(twin.reported.properties().clone()),
+            json!({"list":[9],"x":{"y":1}})
+        );
+        assert_eq!(twin.reported.version(), 3);
+    }
+
+    #[test]
+    fn metadata_has_the_shape_of_the_cli_article() {
+        let mut twin = Twin::new();
+        twin.patch_from_service(&obj(json!({"properties":{"desired":{"conditions":{"temperature":{"warning":75,"critical":100}}}}})))
+            .unwrap();
+        let json = twin.desired.to_service_json();
+        let meta = &json["$metadata"];
+        assert_eq!(json["$version"], json!(2));
+        for node in [
+            meta,
+            &meta["conditions"],
+            &meta["conditions"]["temperature"],
+            &meta["conditions"]["temperature"]["warning"],
+            &meta["conditions"]["temperature"]["critical"],
+        ] {
+            assert!(node["$lastUpdated"].as_str().unwrap().ends_with('Z'));
+            assert_eq!(node["$lastUpdatedVersion"], json!(2));
+        }
+        let reported = twin.reported.to_service_json();
+        assert_eq!(
+            reported,
+            json!({"$metadata":{"$lastUpdated":"0001-01-01T00:00:00Z"},"$version":1})
+        );
+    }
+
+    #[test]
+    fn untouched_siblings_keep_their_metadata() {
+        let mut twin = Twin::new();
+        twin.patch_from_service(&obj(json!({"properties":{"desired":{"a":1,"b":2}}})))
+            .unwrap();
+        twin.patch_from_service(&obj(json!({"properties":{"desired":{"b":3}}})))
+            .unwrap();
+        let meta = &twin.desired.to_service_json()["$metadata"];
+        assert_eq!(meta["a"]["$lastUpdatedVersion"], json!(2));
+        assert_eq!(meta["b"]["$lastUpdatedVersion"], json!(3));
+        assert_eq!(meta["$lastUpdatedVersion"], json!(3));
+    }
+
+    #[test]
+    fn read_only_fields_echoed_by_clients_are_ignored() {
+        let mut twin = Twin::new();
+        let body = json!({
+            "deviceId":"d","etag":"x","version":9,"status":"enabled",
+            "properties":{
+                "desired":{"$metadata":{"$lastUpdated":"x"},"$version":1,"k":1},
+                "reported":{"r":1,"$version":1}
+            }
+        });
+        twin.patch_from_service(&obj(body)).unwrap();
+        assert_eq!(
+            Value::Object(twin.desired.properties().clone()),
+            json!({"k":1})
+        );
+        assert!(twin.reported.properties().is_empty());
+    }
+
+    #[test]
+    fn a_rejected_patch_changes_nothing() {
+        let mut twin = Twin::new();
+        twin.patch_from_service(&obj(
+            json!({"tags":{"t":1},"properties":{"desired":{"a":1}}}),
+        ))
+        .unwrap();
+        let before = twin.clone();
+        // Valid tags, invalid desired: neither may be applied.
+        let err = twin
+            .patch_from_service(&obj(
+                json!({"tags":{"t":2},"properties":{"desired":{"bad key":1}}}),
+            ))
+            .unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::ArgumentInvalid);
+        assert_eq!(twin, before);
+        let big = "x".repeat(4000);
+        let many: Map<String, Value> = (0..9).map(|i| (format!("k{i}"), json!(big))).collect();
+        assert!(twin.patch_reported(&many).is_err());
+        assert_eq!(twin, before);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let mut twin = Twin::new();
+        let cases = [
+            json!({"a.b":1}),
+            json!({"$a":1}),
+            json!({"a b":1}),
+            json!({"a\u{7}":1}),
+            json!({"":1}),
+            json!({"s":"x".repeat(STRING_MAX_BYTES + 1)}),
+            json!({"n":4_503_599_627_370_496_i64}),
+            json!({"n":18_446_744_073_709_551_615_u64}),
+            json!({ "k".repeat(KEY_MAX_BYTES + 1): 1 }),
+        ];
+        for patch in cases {
+            assert!(twin.patch_reported(&obj(patch.clone())).is_err(), "{patch}");
+        }
+        let mut deep = json!(1);
+        for _ in 0..MAX_DEPTH {
+            deep = json!({ "k": deep });
+        }
+        assert!(twin.patch_reported(&obj(deep.clone())).is_ok());
+        assert!(twin.patch_reported(&obj(json!({ "k": deep }))).is_err());
+        assert!(twin
+            .patch_reported(&obj(
+                json!({"n":MAX_SAFE_INT,"m":-MAX_SAFE_INT - 1,"f":1.5})
+            ))
+            .is_ok());
+        let tags: Map<String, Value> = (0..3)
+            .map(|i| (format!("t{i}"), json!("x".repeat(3000))))
+            .collect();
+        assert!(twin
+            .patch_from_service(&obj(json!({"tags": tags})))
+            .is_err());
+    }
+
+    #[test]
+    fn replace_swaps_tags_and_desired_and_notifies_the_whole_document() {
+        let mut twin = Twin::new();
+        twin.patch_from_service(&obj(
+            json!({"tags":{"a":1},"properties":{"desired":{"x":1,"y":2}}}),
+        ))
+        .unwrap();
+        let note = twin
+            .replace_from_service(&obj(json!({"properties":{"desired":{"z":3}}})))
+            .unwrap();
+        assert_eq!(note, json!({"z":3,"$version":3}));
+        assert!(twin.tags().is_empty());
+        assert_eq!(twin.etag(), "AAAAAAAAAAM=");
+    }
+
+    #[test]
+    fn device_view_has_versions_and_no_metadata() {
+        let mut twin = Twin::new();
+        twin.patch_reported(&obj(json!({"fw":"1.0"}))).unwrap();
+        assert_eq!(
+            twin.to_device_json(),
+            json!({"desired":{"$version":1},"reported":{"fw":"1.0","$version":2}})
+        );
+    }
+}
