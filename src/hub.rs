@@ -165,23 +165,16 @@ impl Hub {
     }
 
     /// Authenticates an identity that presented an X.509 client certificate: a self-signed
-    /// certificate must match a registered thumbprint; `certificateAuthority` identities accept
-    /// a certificate whose subject CN names them (chain validation against uploaded CAs is not
-    /// emulated).
-    pub fn authenticate_x509(
-        &self,
-        key: &IdentityKey,
-        sha1: &str,
-        sha256: &str,
-        common_name: Option<&str>,
-    ) -> HubResult<()> {
+    /// certificate must match a registered thumbprint. `certificateAuthority` identities are
+    /// refused: IoT Hub checks their chain against CA certificates registered with the hub, and
+    /// the emulator has no way to register one yet, so a subject CN alone proves nothing.
+    pub fn authenticate_x509(&self, key: &IdentityKey, sha1: &str, sha256: &str) -> HubResult<()> {
         let (credentials, status) = self.inner.registry.credentials(key)?;
         let ok = match &credentials {
             Credentials::SelfSigned { primary, secondary } => [primary, secondary]
                 .into_iter()
                 .flatten()
                 .any(|t| t.eq_ignore_ascii_case(sha1) || t.eq_ignore_ascii_case(sha256)),
-            Credentials::CertificateAuthority => common_name == Some(key.to_string().as_str()),
             _ => false,
         };
         if !ok {
@@ -215,7 +208,7 @@ impl Hub {
         }
         token.check_expiry(unix_now()).map_err(sas_error)?;
         let host = token.resource().map_err(sas_error)?.host;
-        if !self.inner.host_names.iter().any(|n| *n == host) {
+        if !self.inner.host_names.contains(&host) {
             return Err(sas_error(SasError::WrongHost(host)));
         }
         Ok(())

@@ -253,8 +253,6 @@ pub struct ClientCertInfo {
     pub sha1: String,
     /// SHA-256 thumbprint, upper-case hex.
     pub sha256: String,
-    /// The subject's common name, if any.
-    pub common_name: Option<String>,
 }
 
 impl ClientCertInfo {

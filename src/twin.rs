@@ -290,11 +290,14 @@ impl Twin {
     }
 }
 
+/// The parts of a service twin body that the service may write: tags, and desired properties.
+type WritableParts<'a> = (Option<&'a Map<String, Value>>, Option<Map<String, Value>>);
+
 /// Picks the service-writable parts out of a twin body: `tags` and `properties.desired` (with
 /// `$`-prefixed keys such as `$metadata` and `$version` dropped from desired's root).
 fn writable_parts(
     body: &Map<String, Value>,
-) -> HubResult<(Option<&Map<String, Value>>, Option<Map<String, Value>>)> {
+) -> HubResult<WritableParts<'_>> {
     let tags = match body.get("tags") {
         None | Some(Value::Null) => None,
         Some(Value::Object(t)) => Some(t),

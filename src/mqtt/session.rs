@@ -202,7 +202,7 @@ async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     let auth = if !password.is_empty() {
         hub.authenticate_device(&key, password).map(Some)
     } else if let Some(cert) = client_cert {
-        hub.authenticate_x509(&key, &cert.sha1, &cert.sha256, cert.common_name.as_deref())
+        hub.authenticate_x509(&key, &cert.sha1, &cert.sha256)
             .map(|()| None)
     } else {
         Err(HubError::unauthorized(

@@ -276,3 +276,346 @@ impl Http {
         }
     }
 }
+
+// ----- MQTT clients (appended for tests/mqtt_*.rs) -----
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4 as mqtt;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The longest any single expectation on a socket may wait, so a failing test never hangs.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// The Node SDK's username: `{HostName}/{clientId}/?api-version=…` (`shared/protocol.md` C.2).
+pub fn mqtt_username(client_id: &str) -> String {
+    format!("{HOST}/{client_id}/?api-version=2021-04-12")
+}
+
+/// `{deviceId}` or `{deviceId}/{moduleId}`.
+pub fn client_id(device: &str, module: Option<&str>) -> String {
+    match module {
+        Some(m) => format!("{device}/{m}"),
+        None => device.to_owned(),
+    }
+}
+
+/// What a [`MqttClient`] saw from the hub, in arrival order.
+#[derive(Debug)]
+pub enum Seen {
+    Packet(rumqttc::Packet),
+    /// The connection ended: refused, closed by the hub, or after our DISCONNECT.
+    Closed(rumqttc::ConnectionError),
+}
+
+/// A well-behaved MQTT client (rumqttc over TLS). A task drives its event loop and forwards
+/// every incoming packet; it stops at the first connection error, so the client never
+/// reconnects behind a test's back.
+pub struct MqttClient {
+    pub id: String,
+    pub client: rumqttc::AsyncClient,
+    seen: tokio::sync::mpsc::UnboundedReceiver<Seen>,
+    /// Publishes that arrived while waiting for something else, in order.
+    backlog: VecDeque<rumqttc::Publish>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MqttClient {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+impl TestHub {
+    /// rumqttc options for `client_id` with a SAS token as password, trusting the hub's CA.
+    pub fn mqtt_options(&self, client_id: &str, password: &str) -> rumqttc::MqttOptions {
+        let mut options = rumqttc::MqttOptions::new(client_id, HOST, self.mqtt.port());
+        options.set_credentials(mqtt_username(client_id), password);
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca: self.ca_pem.clone().into_bytes(),
+                alpn: None,
+                client_auth: None,
+            },
+        ));
+        options.set_keep_alive(Duration::from_secs(30));
+        options
+    }
+
+    /// Starts a client and returns it with its CONNACK (or why the connection ended).
+    pub async fn mqtt_start(
+        &self,
+        options: rumqttc::MqttOptions,
+    ) -> (MqttClient, Result<mqtt::ConnAck, rumqttc::ConnectionError>) {
+        let id = options.client_id();
+        let (client, mut event_loop) = rumqttc::AsyncClient::new(options, 16);
+        let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            loop {
+                match event_loop.poll().await {
+                    Ok(rumqttc::Event::Incoming(packet)) => {
+                        if tx.send(Seen::Packet(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(rumqttc::Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Seen::Closed(e));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut client = MqttClient {
+            id,
+            client,
+            seen,
+            backlog: VecDeque::new(),
+            pump,
+        };
+        let connack = match client.recv("CONNACK").await {
+            Seen::Packet(rumqttc::Packet::ConnAck(ack)) => Ok(ack),
+            Seen::Closed(e) => Err(e),
+            Seen::Packet(other) => panic!("{}: expected CONNACK, got {other:?}", client.id),
+        };
+        (client, connack)
+    }
+
+    /// Connects `device` (or its `module`) with a SAS token signed by `key`; panics unless the
+    /// hub accepts.
+    pub async fn mqtt_connect(&self, device: &str, module: Option<&str>, key: &str) -> MqttClient {
+        let id = client_id(device, module);
+        let token = identity_token(device, module, key);
+        let (client, connack) = self.mqtt_start(self.mqtt_options(&id, &token)).await;
+        match connack {
+            Ok(ack) => assert_eq!(ack.code, mqtt::ConnectReturnCode::Success, "{id}"),
+            Err(e) => panic!("{id}: the hub refused the connection: {e}"),
+        }
+        client
+    }
+
+    /// A TLS connection to the MQTT port on which the test writes raw bytes.
+    pub async fn raw_mqtt(&self) -> RawMqtt {
+        self.raw_tls(self.mqtt).await
+    }
+
+    /// A raw TLS connection to `addr` (the MQTT or the HTTPS port), trusting the hub's CA.
+    pub async fn raw_tls(&self, addr: SocketAddr) -> RawMqtt {
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let server_name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+            tokio_rustls::TlsConnector::from(self.tls_client())
+                .connect(server_name, tcp)
+                .await
+                .unwrap()
+        };
+        let stream = tokio::time::timeout(WAIT, connect)
+            .await
+            .expect("TLS handshake timed out");
+        RawMqtt {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// A raw connection that has sent CONNECT for `device`/`module` and received CONNACK 0.
+    pub async fn raw_mqtt_connected(
+        &self,
+        device: &str,
+        module: Option<&str>,
+        key: &str,
+        keep_alive: u16,
+    ) -> RawMqtt {
+        let mut raw = self.raw_mqtt().await;
+        let id = client_id(device, module);
+        raw.send(&connect_packet(&id, &identity_token(device, module, key), keep_alive, true))
+            .await;
+        match raw.read_packet().await {
+            mqtt::Packet::ConnAck(ack) => {
+                assert_eq!(ack.code, mqtt::ConnectReturnCode::Success, "{id}");
+            }
+            other => panic!("{id}: expected CONNACK, got {other:?}"),
+        }
+        raw
+    }
+}
+
+impl MqttClient {
+    /// The next thing the client saw; panics after [`WAIT`].
+    async fn recv(&mut self, waiting_for: &str) -> Seen {
+        match tokio::time::timeout(WAIT, self.seen.recv()).await {
+            Ok(Some(seen)) => seen,
+            Ok(None) => panic!(
+                "{}: the connection had already ended while waiting for {waiting_for}",
+                self.id
+            ),
+            Err(_) => panic!("{}: no {waiting_for} within {WAIT:?}", self.id),
+        }
+    }
+
+    /// Publishes at QoS 0.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+            .await
+            .unwrap_or_else(|e| panic!("{}: publish {topic}: {e}", self.id));
+    }
+
+    /// Subscribes (QoS 1, as the Python SDK does) and returns the SUBACK code.
+    pub async fn subscribe(&mut self, filter: &str) -> mqtt::SubscribeReasonCode {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap_or_else(|e| panic!("{}: subscribe {filter}: {e}", self.id));
+        loop {
+            match self.recv("SUBACK").await {
+                Seen::Packet(rumqttc::Packet::SubAck(ack)) => {
+                    assert_eq!(ack.return_codes.len(), 1, "{}", self.id);
+                    return ack.return_codes[0];
+                }
+                Seen::Packet(rumqttc::Packet::Publish(p)) => self.backlog.push_back(p),
+                Seen::Packet(_) => {}
+                Seen::Closed(e) => panic!("{}: closed while waiting for SUBACK: {e}", self.id),
+            }
+        }
+    }
+
+    /// Subscribes and asserts the hub granted it.
+    pub async fn subscribe_ok(&mut self, filter: &str) {
+        let code = self.subscribe(filter).await;
+        assert!(
+            matches!(code, mqtt::SubscribeReasonCode::Success(_)),
+            "{}: SUBACK {code:?} for {filter}",
+            self.id
+        );
+    }
+
+    /// The next PUBLISH from the hub; panics if the connection ends first or after [`WAIT`].
+    pub async fn next_publish(&mut self) -> rumqttc::Publish {
+        if let Some(p) = self.backlog.pop_front() {
+            return p;
+        }
+        loop {
+            match self.recv("PUBLISH").await {
+                Seen::Packet(rumqttc::Packet::Publish(p)) => return p,
+                Seen::Packet(_) => {}
+                Seen::Closed(e) => panic!("{}: closed while waiting for a PUBLISH: {e}", self.id),
+            }
+        }
+    }
+
+    /// Waits for the connection to end and returns why.
+    pub async fn expect_closed(&mut self) -> rumqttc::ConnectionError {
+        loop {
+            if let Seen::Closed(e) = self.recv("the connection to close").await {
+                return e;
+            }
+        }
+    }
+
+    /// Asserts that no PUBLISH arrives (and the connection stays up) for `quiet`.
+    pub async fn expect_no_publish(&mut self, quiet: Duration) {
+        if let Some(p) = self.backlog.front() {
+            panic!("{}: unexpected PUBLISH on {}", self.id, p.topic);
+        }
+        let deadline = tokio::time::Instant::now() + quiet;
+        loop {
+            match tokio::time::timeout_at(deadline, self.seen.recv()).await {
+                Err(_) => return,
+                Ok(Some(Seen::Packet(rumqttc::Packet::Publish(p)))) => panic!(
+                    "{}: unexpected PUBLISH on {}: {}",
+                    self.id,
+                    p.topic,
+                    String::from_utf8_lossy(&p.payload)
+                ),
+                Ok(Some(Seen::Packet(_))) => {}
+                Ok(Some(Seen::Closed(e))) => panic!("{}: connection closed: {e}", self.id),
+                Ok(None) => panic!("{}: the connection had already ended", self.id),
+            }
+        }
+    }
+
+    /// `$iothub/twin/GET` with the SDKs' one-space body; returns the 200 response body.
+    pub async fn twin_get(&mut self, rid: &str) -> Value {
+        self.publish(&format!("$iothub/twin/GET/?$rid={rid}"), " ")
+            .await;
+        let response = self.next_publish().await;
+        assert_eq!(
+            response.topic,
+            format!("$iothub/twin/res/200/?$rid={rid}"),
+            "{}: body {}",
+            self.id,
+            String::from_utf8_lossy(&response.payload)
+        );
+        serde_json::from_slice(&response.payload).unwrap()
+    }
+
+    /// Sends DISCONNECT and waits until the connection has ended.
+    pub async fn disconnect(mut self) {
+        self.client.disconnect().await.unwrap();
+        self.expect_closed().await;
+    }
+}
+
+/// The CONNECT packet the SDKs send (MQTT 3.1.1, username per C.2, SAS token as password).
+pub fn connect_packet(client_id: &str, password: &str, keep_alive: u16, clean: bool) -> Vec<u8> {
+    let mut connect = mqtt::Connect::new(client_id);
+    connect.keep_alive = keep_alive;
+    connect.clean_session = clean;
+    connect.set_login(mqtt_username(client_id), password);
+    let mut buf = BytesMut::new();
+    connect.write(&mut buf).unwrap();
+    buf.to_vec()
+}
+
+/// A raw MQTT byte stream over TLS, for input no well-behaved client would send.
+pub struct RawMqtt {
+    pub stream: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl RawMqtt {
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// The next packet from the hub; panics on end of stream or after [`WAIT`].
+    pub async fn read_packet(&mut self) -> mqtt::Packet {
+        let read = async {
+            loop {
+                match mqtt::read(&mut self.buf, 1024 * 1024) {
+                    Ok(packet) => return packet,
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("the hub sent a malformed packet: {e:?}"),
+                }
+                let n = self.stream.read_buf(&mut self.buf).await.unwrap();
+                assert!(n > 0, "the hub closed the connection");
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("no packet from the hub in time")
+    }
+
+    /// Waits for the hub to close the connection (end of stream or a reset) and returns how
+    /// long that took; panics after [`WAIT`].
+    pub async fn expect_closed(&mut self) -> Duration {
+        let started = tokio::time::Instant::now();
+        let closed = async {
+            let mut scratch = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, closed)
+            .await
+            .expect("the hub did not close the connection in time");
+        started.elapsed()
+    }
+}

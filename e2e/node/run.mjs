@@ -1,0 +1,139 @@
+#!/usr/bin/env node
+// Runs the Node end-to-end suites against one iothub-emulator process.
+//
+//   node run.mjs                      # every *.test.js in this folder
+//   node run.mjs registry.test.js     # one file
+//
+// Why a launcher: the Node SDKs trust a private CA only through NODE_EXTRA_CA_CERTS, which
+// Node reads once at process start (shared/protocol.md C.1, E.1). So this script starts the
+// emulator first, then runs `node --test` with NODE_EXTRA_CA_CERTS pointing at the
+// emulator's CA and the emulator's address in IOTHUB_E2E_ADDRESS, then stops the emulator
+// by pid (SIGTERM, then SIGKILL) and exits with the test runner's status.
+//
+// The emulator keeps its default ports (443 REST + MQTT/WebSockets, 8883 MQTT/TLS): the
+// Node service SDK can only reach 443. It binds a spare 127.0.0.X so those ports are free.
+// IOTHUB_EMULATOR_BIN overrides the binary (default ../../target/debug/iothub-emulator).
+
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repoRoot = path.resolve(here, '..', '..');
+const binary = process.env.IOTHUB_EMULATOR_BIN || path.join(repoRoot, 'target', 'debug', 'iothub-emulator');
+const logDir = path.join(repoRoot, 'e2e', 'logs');
+const READY = 'iothub-emulator ready';
+const PORTS = [443, 8883];
+
+function portFree(address, port) {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once('error', () => resolve(false));
+    server.listen({ host: address, port, exclusive: true }, () => server.close(() => resolve(true)));
+  });
+}
+
+async function pickAddress() {
+  for (let i = 0; i < 200; i++) {
+    const address = `127.0.0.${2 + Math.floor(Math.random() * 249)}`;
+    const free = await Promise.all(PORTS.map((p) => portFree(address, p)));
+    if (free.every(Boolean)) return address;
+  }
+  throw new Error('no 127.0.0.X with ports 443 and 8883 free');
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function tail(file, lines = 60) {
+  try {
+    return fs.readFileSync(file, 'utf8').split('\n').slice(-lines).join('\n');
+  } catch {
+    return '<no log>';
+  }
+}
+
+async function startEmulator() {
+  if (!fs.existsSync(binary)) throw new Error(`emulator binary not found: ${binary} (run cargo build --locked)`);
+  fs.mkdirSync(logDir, { recursive: true });
+  let lastError = 'no attempt';
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const address = await pickAddress();
+    const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'iothub-e2e-node-'));
+    const certsDir = path.join(workDir, 'certs');
+    const args = ['--bind', address, '--hostname', 'localhost', '--certs-dir', certsDir];
+    const logPath = path.join(logDir, `node-emulator-${address}.log`);
+    const fd = fs.openSync(logPath, 'w');
+    fs.writeSync(fd, `$ ${binary} ${args.join(' ')}\n`);
+    const child = spawn(binary, args, { stdio: ['ignore', fd, fd] });
+    fs.closeSync(fd);
+    let exited = false;
+    child.once('exit', () => { exited = true; });
+
+    const deadline = Date.now() + 60_000;
+    while (Date.now() < deadline && !exited) {
+      if (fs.readFileSync(logPath, 'utf8').includes(READY)) {
+        const caPath = path.join(certsDir, 'ca.pem');
+        if (!fs.existsSync(caPath)) throw new Error(`emulator ready but ${caPath} is missing`);
+        return { child, address, caPath, logPath, workDir };
+      }
+      await sleep(50);
+    }
+    if (!exited) await stop(child);
+    fs.rmSync(workDir, { recursive: true, force: true });
+    lastError = `${exited ? `exited (${child.exitCode})` : 'not ready in 60 s'}; log ${logPath}:\n${tail(logPath, 40)}`;
+  }
+  throw new Error(`could not start the emulator: ${lastError}`);
+}
+
+async function stop(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  const done = await Promise.race([exited.then(() => true), sleep(10_000).then(() => false)]);
+  if (!done) {
+    child.kill('SIGKILL');
+    await exited;
+  }
+}
+
+const files = process.argv.slice(2);
+const testFiles = files.length
+  ? files
+  : fs.readdirSync(here).filter((f) => f.endsWith('.test.js')).sort();
+
+if (testFiles.length === 0) {
+  console.error('no *.test.js files found');
+  process.exit(1);
+}
+
+const emulator = await startEmulator();
+console.log(`# emulator ${emulator.address} (log ${path.relative(process.cwd(), emulator.logPath)})`);
+
+let status = 1;
+try {
+  const runner = spawn(process.execPath, ['--test', '--test-concurrency=1', ...testFiles], {
+    cwd: here,
+    stdio: 'inherit',
+    env: {
+      ...process.env,
+      NODE_EXTRA_CA_CERTS: emulator.caPath,
+      IOTHUB_E2E_ADDRESS: emulator.address,
+      IOTHUB_E2E_CA_PATH: emulator.caPath,
+      IOTHUB_E2E_DEVICE_HOSTNAME: 'localhost',
+    },
+  });
+  const forward = (signal) => runner.kill(signal);
+  process.on('SIGINT', forward);
+  process.on('SIGTERM', forward);
+  status = await new Promise((resolve) => runner.once('exit', (code, signal) => resolve(code ?? (signal ? 1 : 0))));
+} finally {
+  await stop(emulator.child);
+  fs.rmSync(emulator.workDir, { recursive: true, force: true });
+}
+if (status !== 0) {
+  console.log(`# emulator log tail (${emulator.logPath}):\n${tail(emulator.logPath)}`);
+}
+process.exit(status);

@@ -1,0 +1,201 @@
+"""Start and stop one `iothub-emulator` process for an end-to-end suite, plus the small
+helpers the tests share (SAS tokens, connection strings, unique ids).
+
+Why a random loopback address: the Python device SDK hard-codes port 8883 (MQTT/TLS) and
+443 (MQTT over WebSockets), and the Node service SDK can only reach port 443
+(shared/protocol.md C.1 and E.1). Those ports may already be taken on 127.0.0.1, so the
+emulator is bound to a spare 127.0.0.X and keeps its default ports. Devices connect with
+`HostName=localhost;...;GatewayHostName=127.0.0.X`; service clients use
+`HostName=127.0.0.X`. The emulator's certificate covers both names.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BINARY = REPO_ROOT / "target" / "debug" / "iothub-emulator"
+LOG_DIR = REPO_ROOT / "e2e" / "logs"
+
+READY_LINE = "iothub-emulator ready"
+DEVICE_HOSTNAME = "localhost"
+
+# The emulator's built-in owner policy key (README / protocol contract).
+OWNER_POLICY = "iothubowner"
+OWNER_KEY = "PCFd5Ixr95rqeCXdxUvRnBzqmtWpxg9nDnvYeGICeug="
+
+# A registryRead key we choose and hand to the emulator through --config, so the test
+# knows it without depending on the emulator's built-in value.
+REGISTRY_READ_POLICY = "registryRead"
+REGISTRY_READ_KEY = base64.b64encode(hashlib.sha256(b"iothub-emulator e2e registryRead").digest()).decode()
+
+HTTPS_PORT = 443
+MQTT_PORT = 8883
+
+
+def unique_id(prefix: str) -> str:
+    """A device or module id no other test uses (Azurite's getUniqueName habit)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def service_sas_token(host: str, policy: str, key: str, ttl: int = 3600) -> str:
+    """A policy SAS token exactly as azure-iot-hub builds it (shared/protocol.md B):
+    `sr` is quote_plus(host), the HMAC covers the encoded `sr` + "\\n" + expiry."""
+    expiry = int(time.time()) + ttl
+    sr = urllib.parse.quote_plus(host)
+    to_sign = f"{sr}\n{expiry}".encode()
+    sig = base64.b64encode(hmac.new(base64.b64decode(key), to_sign, hashlib.sha256).digest()).decode()
+    return f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={expiry}&skn={policy}"
+
+
+def _port_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_address(rng: random.Random) -> str:
+    """A 127.0.0.X (X in 2..250) where both 443 and 8883 can still be bound."""
+    for _ in range(200):
+        address = f"127.0.0.{rng.randint(2, 250)}"
+        if _port_free(address, HTTPS_PORT) and _port_free(address, MQTT_PORT):
+            return address
+    raise RuntimeError("no 127.0.0.X with ports 443 and 8883 free")
+
+
+@dataclass
+class Emulator:
+    """A running emulator. `address` is the 127.0.0.X it is bound to."""
+
+    address: str
+    work_dir: Path
+    certs_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+    ca_path: Path = field(init=False)
+    ca_pem: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ca_path = self.certs_dir / "ca.pem"
+        self.ca_pem = self.ca_path.read_text()
+
+    # -- connection strings ------------------------------------------------------------
+
+    def service_connection_string(self, policy: str = OWNER_POLICY, key: str = OWNER_KEY) -> str:
+        return f"HostName={self.address};SharedAccessKeyName={policy};SharedAccessKey={key}"
+
+    def device_connection_string(self, device_id: str, key: str, module_id: Optional[str] = None) -> str:
+        parts = [f"HostName={DEVICE_HOSTNAME}", f"DeviceId={device_id}"]
+        if module_id is not None:
+            parts.append(f"ModuleId={module_id}")
+        parts += [f"SharedAccessKey={key}", f"GatewayHostName={self.address}"]
+        # Never a trailing ';' (azure-iot-device rejects it, protocol.md A).
+        return ";".join(parts)
+
+    @property
+    def base_url(self) -> str:
+        return f"https://{self.address}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self) -> None:
+        """SIGTERM by pid, SIGKILL if it has not exited after 10 s."""
+        if self.process.poll() is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def start_emulator(
+    binary: Optional[Path] = None,
+    config_toml: Optional[str] = None,
+    ready_timeout: float = 60.0,
+    attempts: int = 5,
+) -> Emulator:
+    """Start the emulator on a spare 127.0.0.X with its default ports (443 and 8883).
+
+    The emulator's stdout/stderr go to a log file under e2e/logs/ (kept for debugging);
+    readiness is the `iothub-emulator ready` line appearing there.
+    """
+    binary = Path(os.environ.get("IOTHUB_EMULATOR_BIN", binary or DEFAULT_BINARY))
+    if not binary.exists():
+        raise RuntimeError(f"emulator binary not found: {binary} (run `cargo build --locked` first)")
+
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    rng = random.SystemRandom()
+    last_error = "no attempt made"
+
+    for _ in range(attempts):
+        address = _pick_address(rng)
+        work_dir = Path(tempfile.mkdtemp(prefix="iothub-e2e-"))
+        certs_dir = work_dir / "certs"
+        args = [
+            str(binary),
+            "--bind", address,
+            "--hostname", DEVICE_HOSTNAME,
+            "--certs-dir", str(certs_dir),
+        ]
+        if config_toml is not None:
+            config_path = work_dir / "config.toml"
+            config_path.write_text(config_toml)
+            args += ["--config", str(config_path)]
+
+        log_path = LOG_DIR / f"python-emulator-{address}.log"
+        log = open(log_path, "wb")
+        log.write(("$ " + " ".join(args) + "\n").encode())
+        log.flush()
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if READY_LINE in log_path.read_text(errors="replace"):
+                if not (certs_dir / "ca.pem").exists():
+                    process.kill()
+                    process.wait()
+                    raise RuntimeError(f"emulator ready but {certs_dir}/ca.pem missing")
+                return Emulator(address=address, work_dir=work_dir, certs_dir=certs_dir, log_path=log_path, process=process)
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            last_error = f"not ready within {ready_timeout}s"
+        else:
+            last_error = f"exited with {process.returncode}"
+        last_error += f"; log {log_path}:\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        # A port may have been taken between the check and the bind: try another address.
+
+    raise RuntimeError(f"could not start the emulator: {last_error}")
