@@ -259,19 +259,9 @@ impl ClientCertInfo {
     pub fn from_der(der: &[u8]) -> Self {
         use sha1::Digest as _;
         let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02X}")).collect::<String>();
-        let common_name = x509_parser::parse_x509_certificate(der)
-            .ok()
-            .and_then(|(_, cert)| {
-                cert.subject()
-                    .iter_common_name()
-                    .next()
-                    .and_then(|cn| cn.as_str().ok())
-                    .map(str::to_owned)
-            });
         Self {
             sha1: hex(&sha1::Sha1::digest(der)),
             sha256: hex(&sha2::Sha256::digest(der)),
-            common_name,
         }
     }
 }

@@ -295,9 +295,7 @@ type WritableParts<'a> = (Option<&'a Map<String, Value>>, Option<Map<String, Val
 
 /// Picks the service-writable parts out of a twin body: `tags` and `properties.desired` (with
 /// `$`-prefixed keys such as `$metadata` and `$version` dropped from desired's root).
-fn writable_parts(
-    body: &Map<String, Value>,
-) -> HubResult<WritableParts<'_>> {
+fn writable_parts(body: &Map<String, Value>) -> HubResult<WritableParts<'_>> {
     let tags = match body.get("tags") {
         None | Some(Value::Null) => None,
         Some(Value::Object(t)) => Some(t),

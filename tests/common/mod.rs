@@ -430,8 +430,13 @@ impl TestHub {
     ) -> RawMqtt {
         let mut raw = self.raw_mqtt().await;
         let id = client_id(device, module);
-        raw.send(&connect_packet(&id, &identity_token(device, module, key), keep_alive, true))
-            .await;
+        raw.send(&connect_packet(
+            &id,
+            &identity_token(device, module, key),
+            keep_alive,
+            true,
+        ))
+        .await;
         match raw.read_packet().await {
             mqtt::Packet::ConnAck(ack) => {
                 assert_eq!(ack.code, mqtt::ConnectReturnCode::Success, "{id}");
