@@ -25,6 +25,8 @@ pub struct Config {
     pub policies: Vec<Policy>,
     /// Most modules a device may have (IoT Hub: 50).
     pub max_modules_per_device: usize,
+    /// How many device-to-cloud messages the telemetry log keeps.
+    pub telemetry_capacity: usize,
 }
 
 impl Config {
@@ -65,6 +67,7 @@ impl Config {
 pub struct ConfigFile {
     pub hostname: Option<String>,
     pub max_modules_per_device: Option<usize>,
+    pub telemetry_log_size: Option<usize>,
     #[serde(default)]
     pub policies: Vec<PolicyEntry>,
 }

@@ -24,6 +24,44 @@ pub enum Outbound {
     /// A desired-properties change: the patch (or the whole document after a replace), with
     /// `$version` (`shared/protocol.md` C.6).
     DesiredPatch(Value),
+    /// A direct-method call awaiting the device's answer under `rid` (C.4, C.7).
+    MethodRequest {
+        rid: u64,
+        name: String,
+        payload: Value,
+    },
+    /// Cloud-to-device messages are waiting in the device's queue.
+    CloudToDevice,
+}
+
+/// What a device has asked to receive (MQTT: by subscribing), kept across reconnects
+/// (clean session 0). The hub uses it to know whether, say, a direct method can be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feature {
+    /// `$iothub/twin/res/#`
+    TwinResponses,
+    /// `$iothub/twin/PATCH/properties/desired/#`
+    DesiredPatches,
+    /// `$iothub/methods/POST/#`
+    Methods,
+    /// `devices/{d}/messages/devicebound/#` (devices only)
+    CloudToDevice,
+    /// `devices/{d}/modules/{m}/inputs/#` (modules; the C SDK subscribes `devices/{d}/modules/{m}/#`)
+    Inputs,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 5] = [
+        Feature::TwinResponses,
+        Feature::DesiredPatches,
+        Feature::Methods,
+        Feature::CloudToDevice,
+        Feature::Inputs,
+    ];
+
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
 }
 
 /// How many events may wait for one connection before it is considered stuck.
@@ -54,6 +92,9 @@ pub struct Connections {
     /// token-renewal reconnect (`shared/protocol.md` C.3), so this must persist.
     sessions: DashMap<IdentityKey, u8>,
     next_id: AtomicU64,
+    /// Signalled whenever a connection registers or changes its subscriptions, for callers
+    /// waiting for a device to come online (`connectTimeoutInSeconds`). Not a hot path.
+    changed: Notify,
 }
 
 impl Connections {
@@ -73,6 +114,7 @@ impl Connections {
         if let Some(old) = previous {
             old.close.notify_one();
         }
+        self.changed.notify_waiters();
         Registration {
             id,
             events: rx,
@@ -114,6 +156,48 @@ impl Connections {
         } else {
             self.sessions.insert(key.clone(), state);
         }
+        self.changed.notify_waiters();
+    }
+
+    /// Whether `key` is connected and has `feature` on.
+    pub fn can_receive(&self, key: &IdentityKey, feature: Feature) -> bool {
+        self.is_connected(key) && self.session(key) & feature.bit() != 0
+    }
+
+    /// Waits until `key` is connected with `feature` on, or `deadline` passes.
+    pub async fn wait_for(
+        &self,
+        key: &IdentityKey,
+        feature: Feature,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        loop {
+            // Register interest before checking, so a change in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.can_receive(key, feature) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.can_receive(key, feature);
+            }
+        }
+    }
+
+    /// Closes `key`'s connection, if any (its identity was deleted, or the hub is reset).
+    pub fn close(&self, key: &IdentityKey) {
+        if let Some(conn) = self.live.get(key) {
+            conn.close.notify_one();
+        }
+    }
+
+    /// Closes every connection and forgets every session.
+    pub fn close_all(&self) {
+        for conn in self.live.iter() {
+            conn.close.notify_one();
+        }
+        self.sessions.clear();
     }
 
     pub fn is_connected(&self, key: &IdentityKey) -> bool {

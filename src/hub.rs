@@ -5,10 +5,13 @@
 //! AMQP apply exactly the same rules. Cheap to clone.
 
 use crate::auth::{sas::SasError, Permission, Policy, SasToken};
+use crate::c2d::CloudMessage;
 use crate::config::Config;
 use crate::connections::{Connections, Outbound};
 use crate::error::{ErrorCode, HubError, HubResult};
+use crate::methods::{MethodCall, MethodReply, Methods};
 use crate::registry::{Credentials, IdentityKey, IfMatch, Registry, Status};
+use crate::telemetry::TelemetryLog;
 use crate::timestamp::unix_now;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -26,6 +29,12 @@ struct Inner {
     /// Live device connections; written by the device front ends, read by the REST side to
     /// push events.
     connections: Connections,
+    /// Direct-method calls in flight; internally a sharded map of oneshot channels.
+    methods: Methods,
+    /// Device-to-cloud messages, for the control API; sharded, bounded.
+    telemetry: TelemetryLog,
+    /// The CA certificate (PEM) clients trust, served by the control API. Set once at start-up.
+    ca_pem: std::sync::OnceLock<String>,
     /// Shared access policies; fixed after start-up, so no lock.
     policies: Vec<Policy>,
     /// Host names accepted in SAS `sr`, lower-case; fixed after start-up.
@@ -47,6 +56,8 @@ pub enum Access {
     TwinWrite,
     /// Service-facing operations: statistics, methods (ServiceConnect).
     Service,
+    /// The emulator's control API: telemetry, C2D injection, reset (ServiceConnect).
+    Control,
 }
 
 impl Access {
@@ -58,6 +69,7 @@ impl Access {
             Self::TwinRead => &[ServiceConnect, RegistryRead, RegistryWrite],
             Self::TwinWrite => &[ServiceConnect, RegistryWrite],
             Self::Service => &[ServiceConnect, RegistryRead],
+            Self::Control => &[ServiceConnect],
         }
     }
 }
@@ -68,6 +80,9 @@ impl Hub {
             inner: Arc::new(Inner {
                 registry: Registry::new(config.max_modules_per_device),
                 connections: Connections::default(),
+                methods: Methods::default(),
+                telemetry: TelemetryLog::new(config.telemetry_capacity),
+                ca_pem: std::sync::OnceLock::new(),
                 policies: config.policies.clone(),
                 host_names: config.host_names(),
                 hostname: config.hostname.clone(),
@@ -85,6 +100,92 @@ impl Hub {
 
     pub fn hostname(&self) -> &str {
         &self.inner.hostname
+    }
+
+    pub fn methods(&self) -> &Methods {
+        &self.inner.methods
+    }
+
+    pub fn telemetry(&self) -> &TelemetryLog {
+        &self.inner.telemetry
+    }
+
+    /// Records the CA certificate clients trust (once, at start-up).
+    pub fn set_ca_pem(&self, pem: String) {
+        let _ = self.inner.ca_pem.set(pem);
+    }
+
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.inner.ca_pem.get().map(String::as_str)
+    }
+
+    // ----- operations that span the registry and live connections -----
+
+    /// Deletes a device (and its modules), closing their connections.
+    pub fn delete_device(&self, device_id: &str, if_match: &IfMatch) -> HubResult<()> {
+        let modules: Vec<String> = self
+            .inner
+            .registry
+            .list_modules(device_id)?
+            .iter()
+            .filter_map(|m| m["moduleId"].as_str().map(str::to_owned))
+            .collect();
+        self.inner.registry.delete_device(device_id, if_match)?;
+        self.inner
+            .connections
+            .close(&IdentityKey::device(device_id));
+        for m in modules {
+            self.inner
+                .connections
+                .close(&IdentityKey::module(device_id, m));
+        }
+        Ok(())
+    }
+
+    /// Deletes a module, closing its connection.
+    pub fn delete_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        if_match: &IfMatch,
+    ) -> HubResult<()> {
+        self.inner
+            .registry
+            .delete_module(device_id, module_id, if_match)?;
+        self.inner
+            .connections
+            .close(&IdentityKey::module(device_id, module_id));
+        Ok(())
+    }
+
+    /// Invokes a direct method on a device or module and waits for its answer.
+    pub async fn invoke_method(
+        &self,
+        key: &IdentityKey,
+        call: MethodCall,
+    ) -> HubResult<MethodReply> {
+        self.inner.registry.exists(key)?;
+        self.inner
+            .methods
+            .invoke(&self.inner.connections, key, call)
+            .await
+    }
+
+    /// Queues a cloud-to-device message and tells the device's connection.
+    pub fn send_c2d(&self, device_id: &str, message: CloudMessage) -> HubResult<()> {
+        self.inner.registry.enqueue_c2d(device_id, message)?;
+        self.inner
+            .connections
+            .notify(&IdentityKey::device(device_id), Outbound::CloudToDevice);
+        Ok(())
+    }
+
+    /// Back to the start-up state: no identities, no sessions, no messages, no calls.
+    pub fn reset(&self) {
+        self.inner.registry.clear();
+        self.inner.connections.close_all();
+        self.inner.methods.clear();
+        self.inner.telemetry.clear();
     }
 
     // ----- authentication -----
@@ -273,6 +374,7 @@ mod tests {
             extra_sans: vec![],
             policies: crate::auth::default_policies(),
             max_modules_per_device: 50,
+            telemetry_capacity: 1000,
         }
     }
 

@@ -20,13 +20,17 @@
 //! packets, and MQTT never calls HTTP.
 
 pub mod auth;
+pub mod c2d;
 pub mod config;
 pub mod connections;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod methods;
 pub mod mqtt;
+pub mod query;
 pub mod registry;
+pub mod telemetry;
 pub mod timestamp;
 pub mod tls;
 pub mod twin;

@@ -90,6 +90,9 @@ fn main() -> anyhow::Result<()> {
         extra_sans: cli.sans.clone(),
         policies,
         max_modules_per_device: file.max_modules_per_device.unwrap_or(50),
+        telemetry_capacity: file
+            .telemetry_log_size
+            .unwrap_or(iothub_emulator::telemetry::DEFAULT_CAPACITY),
     };
     let user_cert = cli
         .tls_cert
@@ -111,6 +114,9 @@ fn main() -> anyhow::Result<()> {
             mqtt.local_addr()?,
         );
         let hub = Hub::new(&config);
+        if let Ok(pem) = std::fs::read_to_string(&tls.ca_path) {
+            hub.set_ca_pem(pem);
+        }
         iothub_emulator::run(
             hub,
             Listeners { https, mqtt },

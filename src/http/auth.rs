@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 fn required_access(method: &Method, path: &str) -> Access {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
     match (first, method) {
+        ("_emulator", _) => Access::Control,
         ("twins", &Method::GET) => Access::TwinRead,
         ("twins", &Method::POST) => Access::Service,
         ("twins", _) => Access::TwinWrite,

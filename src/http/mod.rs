@@ -9,6 +9,7 @@
 
 mod auth;
 pub mod body;
+mod control;
 pub mod error;
 mod registry;
 mod twins;
@@ -35,12 +36,14 @@ pub fn router(hub: Hub) -> Router {
     let service = Router::new()
         .merge(registry::routes())
         .merge(twins::routes())
+        .merge(control::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             hub.clone(),
             auth::require_sas,
         ));
     Router::new()
         .route("/$iothub/websocket", get(websocket))
+        .merge(control::open_routes())
         .merge(service)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -128,8 +128,7 @@ async fn delete_module(
     Path((id, mid)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> HttpResult<Response> {
-    hub.registry()
-        .delete_module(&id, &mid, &delete_precondition(&headers))?;
+    hub.delete_module(&id, &mid, &delete_precondition(&headers))?;
     Ok(no_content())
 }
 
@@ -209,10 +208,10 @@ async fn bulk(State(hub): State<Hub>, body: JsonBody) -> HttpResult<Response> {
                 })
                 .map(drop),
             ("delete" | "deleteifmatchetag", None) => {
-                registry.delete_device(&item.device_id, &precondition)
+                hub.delete_device(&item.device_id, &precondition)
             }
             ("delete" | "deleteifmatchetag", Some(m)) => {
-                registry.delete_module(&item.device_id, m, &precondition)
+                hub.delete_module(&item.device_id, m, &precondition)
             }
             ("updatetwin" | "updatetwinifmatchetag", _) => {
                 hub.patch_twin(&key, &item.body, &precondition).map(drop)

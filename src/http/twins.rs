@@ -8,7 +8,7 @@ use crate::registry::{IdentityKey, IfMatch};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 pub fn routes() -> Router<Hub> {
@@ -25,6 +25,37 @@ pub fn routes() -> Router<Hub> {
                 .patch(patch_module_twin)
                 .put(put_module_twin),
         )
+        .route("/twins/{id}/methods", post(invoke_device_method))
+        .route(
+            "/twins/{id}/modules/{mid}/methods",
+            post(invoke_module_method),
+        )
+}
+
+/// `POST /twins/{id}/methods`: a direct method on a device.
+async fn invoke_device_method(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+    body: JsonBody,
+) -> HttpResult<Response> {
+    invoke(&hub, IdentityKey::device(id), body).await
+}
+
+/// `POST /twins/{id}/modules/{mid}/methods`: a direct method on a module.
+async fn invoke_module_method(
+    State(hub): State<Hub>,
+    Path((id, mid)): Path<(String, String)>,
+    body: JsonBody,
+) -> HttpResult<Response> {
+    invoke(&hub, IdentityKey::module(id, mid), body).await
+}
+
+async fn invoke(hub: &Hub, key: IdentityKey, body: JsonBody) -> HttpResult<Response> {
+    let call = crate::methods::MethodCall::from_json(&body.object()?)?;
+    let reply = hub.invoke_method(&key, call).await?;
+    Ok(ok(
+        &serde_json::json!({"status": reply.status, "payload": reply.payload}),
+    ))
 }
 
 /// Twin writes without If-Match apply to any version, as IoT Hub's do.

@@ -14,6 +14,7 @@ use crate::connections::{Outbound, Registration};
 use crate::error::{ErrorCode, HubError};
 use crate::hub::Hub;
 use crate::registry::{identity::validate_id, IdentityKey};
+use crate::telemetry::Incoming;
 use crate::timestamp::unix_now;
 use crate::tls::ClientCertInfo;
 use bytes::{Bytes, BytesMut};
@@ -23,6 +24,7 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
@@ -296,6 +298,11 @@ struct Session<'h> {
     registration: Registration,
     /// Enabled features (bits of [`Feature`]), mirrored into the hub's session store.
     features: u8,
+    /// `SAS` or `X509`, stamped on telemetry as `iothub-connection-auth-method`.
+    auth_method: &'static str,
+    /// Cloud-to-device messages sent and not yet acknowledged: packet id → lock token.
+    in_flight: HashMap<u16, u64>,
+    last_packet_id: u16,
 }
 
 impl<'h> Session<'h> {
@@ -306,9 +313,16 @@ impl<'h> Session<'h> {
             key: accepted.key,
             keep_alive: accepted.keep_alive,
             clean_session: accepted.clean_session,
+            auth_method: if accepted.token_expiry.is_some() {
+                "SAS"
+            } else {
+                "X509"
+            },
             token_expiry: accepted.token_expiry,
             registration,
             features,
+            in_flight: HashMap::new(),
+            last_packet_id: 0,
         }
     }
 
@@ -333,6 +347,8 @@ impl<'h> Session<'h> {
             .map(|se| Instant::now() + Duration::from_secs(se.saturating_sub(unix_now())));
         let mut keep_alive_deadline = Instant::now() + self.keep_alive;
         let close = std::sync::Arc::clone(&self.registration.close);
+        // Messages queued while the device was away (the session kept its subscription).
+        self.deliver_c2d(framed).await?;
         loop {
             tokio::select! {
                 packet = framed.read() => {
@@ -371,6 +387,7 @@ impl<'h> Session<'h> {
                 framed
                     .write(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
                     .await?;
+                self.deliver_c2d(framed).await?;
             }
             Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.topics {
@@ -384,8 +401,12 @@ impl<'h> Session<'h> {
                     .await?;
             }
             Packet::PingReq => framed.write(Packet::PingResp).await?,
-            // Acks for QoS 1 messages the hub sends (cloud-to-device, later) need no reply.
-            Packet::PubAck(_) => {}
+            // The device completed a cloud-to-device message.
+            Packet::PubAck(ack) => {
+                if let Some(token) = self.in_flight.remove(&ack.pkid) {
+                    self.hub.registry().complete_c2d(&self.key.device_id, token);
+                }
+            }
             Packet::Disconnect => return Ok(false),
             Packet::Connect(_) => {
                 // [MQTT-3.1.0-2] A second CONNECT is a protocol violation.
@@ -464,14 +485,22 @@ impl<'h> Session<'h> {
                     }
                 }
             }
-            Topic::MethodResponse { .. } => {
-                // No direct method is ever in flight yet, so every response is for an unknown
-                // $rid, which IoT Hub drops.
+            Topic::MethodResponse { status, rid } => {
+                self.hub
+                    .methods()
+                    .complete(&self.key, &rid, status, &publish.payload);
                 self.hub.registry().touch(&self.key);
             }
-            Topic::Telemetry { .. } => {
-                // Telemetry is accepted and acknowledged, and recorded as activity; storing it
-                // for consumers is not built yet.
+            Topic::Telemetry { properties } => {
+                let incoming = Incoming {
+                    properties,
+                    body: publish.payload.clone(),
+                };
+                // MQTT has no way to refuse one message, so IoT Hub closes the connection.
+                self.hub
+                    .telemetry()
+                    .append(&self.key, self.auth_method, incoming)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
                 self.hub.registry().touch(&self.key);
             }
         }
@@ -503,11 +532,26 @@ impl<'h> Session<'h> {
     }
 
     async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
+        &mut self,
         event: Outbound,
         framed: &mut Framed<S>,
     ) -> Result<(), Error> {
         match event {
+            Outbound::MethodRequest { rid, name, payload } => {
+                // The hub checked the subscription before sending; it may have been dropped
+                // since, and then the call times out as on IoT Hub.
+                if self.features & Feature::Methods.bit() == 0 {
+                    return Ok(());
+                }
+                let topic = topic::format_method_request(&name, rid);
+                framed
+                    .write(Packet::Publish(qos0(
+                        topic,
+                        Bytes::from(payload.to_string()),
+                    )))
+                    .await
+            }
+            Outbound::CloudToDevice => self.deliver_c2d(framed).await,
             Outbound::DesiredPatch(patch) => {
                 // Pushes go only to subscribed connections; the hub does not queue them (C.6).
                 if self.features & Feature::DesiredPatches.bit() == 0 {
@@ -518,6 +562,50 @@ impl<'h> Session<'h> {
                 framed
                     .write(Packet::Publish(qos0(topic, Bytes::from(patch.to_string()))))
                     .await
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    /// Sends every queued cloud-to-device message not already in flight on this connection,
+    /// at QoS 1; the device's PUBACK completes it. Unacknowledged messages are sent again on
+    /// the next connection.
+    async fn deliver_c2d<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        framed: &mut Framed<S>,
+    ) -> Result<(), Error> {
+        if self.features & Feature::CloudToDevice.bit() == 0 {
+            return Ok(());
+        }
+        let device = self.key.device_id.clone();
+        let in_flight: HashSet<u64> = self.in_flight.values().copied().collect();
+        for message in self.hub.registry().pending_c2d(&device, &in_flight) {
+            let pkid = self.next_packet_id();
+            self.in_flight.insert(pkid, message.lock_token);
+            let publish = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                // Always the `/` after `devicebound`: Node dispatches on it (C.4).
+                topic: format!(
+                    "devices/{device}/messages/devicebound/{}",
+                    message.property_bag(&device)
+                ),
+                pkid,
+                payload: message.body,
+            };
+            framed.write(Packet::Publish(publish)).await?;
+        }
+        Ok(())
+    }
+
+    /// A packet id not in use by an unacknowledged message (never 0).
+    fn next_packet_id(&mut self) -> u16 {
+        loop {
+            self.last_packet_id = self.last_packet_id.wrapping_add(1).max(1);
+            if !self.in_flight.contains_key(&self.last_packet_id) {
+                return self.last_packet_id;
             }
         }
     }

@@ -5,6 +5,7 @@
 //! parsed *for one identity*: a topic that names another device or module does not parse, so a
 //! connection can never reach another identity's data.
 
+pub use crate::connections::Feature;
 use crate::registry::IdentityKey;
 use percent_encoding::percent_decode_str;
 
@@ -21,35 +22,6 @@ pub enum Topic {
     Telemetry {
         properties: Vec<(String, Option<String>)>,
     },
-}
-
-/// What a subscription turns on for an identity; kept across reconnects (clean session 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Feature {
-    /// `$iothub/twin/res/#`
-    TwinResponses,
-    /// `$iothub/twin/PATCH/properties/desired/#`
-    DesiredPatches,
-    /// `$iothub/methods/POST/#`
-    Methods,
-    /// `devices/{d}/messages/devicebound/#` (devices only)
-    CloudToDevice,
-    /// `devices/{d}/modules/{m}/inputs/#` (modules; the C SDK subscribes `devices/{d}/modules/{m}/#`)
-    Inputs,
-}
-
-impl Feature {
-    pub const ALL: [Feature; 5] = [
-        Feature::TwinResponses,
-        Feature::DesiredPatches,
-        Feature::Methods,
-        Feature::CloudToDevice,
-        Feature::Inputs,
-    ];
-
-    pub fn bit(self) -> u8 {
-        1 << (self as u8)
-    }
 }
 
 /// Why a topic was refused.
@@ -157,6 +129,11 @@ pub fn format_twin_response(status: u16, rid: &str, version: Option<u64>) -> Str
         Some(v) => format!("$iothub/twin/res/{status}/?$rid={rid}&$version={v}"),
         None => format!("$iothub/twin/res/{status}/?$rid={rid}"),
     }
+}
+
+/// `$iothub/methods/POST/{name}/?$rid={rid}`; the name is sent as given (Node reads it raw).
+pub fn format_method_request(name: &str, rid: u64) -> String {
+    format!("$iothub/methods/POST/{name}/?$rid={rid}")
 }
 
 /// `$iothub/twin/PATCH/properties/desired/?$version={v}`

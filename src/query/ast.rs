@@ -41,8 +41,10 @@ pub enum Select {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SelectItem {
     pub kind: ItemKind,
-    /// The name the item gets in result objects; see [`SelectItem::name`].
-    pub alias: Option<String>,
+    /// The key the item gets in result objects: its `AS` alias, or `$1`, `$2`, … for unnamed
+    /// items that are not plain paths. `None` for an unaliased path, which takes the key it
+    /// resolves to in the document (so `SELECT DeviceId` yields `deviceId`).
+    pub name: Option<String>,
 }
 
 /// What one SELECT item computes.
@@ -78,7 +80,8 @@ impl Aggregate {
 pub struct Path(pub Vec<String>);
 
 impl Path {
-    /// Builds a path from a dotted string (test and doc convenience; no bracket syntax).
+    /// Builds a path from a dotted string (test convenience; no bracket syntax).
+    #[cfg(test)]
     pub fn dotted(s: &str) -> Path {
         Path(s.split('.').map(str::to_owned).collect())
     }
@@ -263,9 +266,13 @@ mod tests {
 
     #[test]
     fn paths_compare_ignoring_case() {
-        assert!(Path::dotted("properties.Reported.x").same_as(&Path::dotted("Properties.reported.X")));
+        assert!(
+            Path::dotted("properties.Reported.x").same_as(&Path::dotted("Properties.reported.X"))
+        );
         assert!(!Path::dotted("a.b").same_as(&Path::dotted("a")));
         assert_eq!(Path::dotted("a.b.$version").last(), "$version");
-        assert!(Aggregate::is_name("count") && Aggregate::is_name("Max") && !Aggregate::is_name("x"));
+        assert!(
+            Aggregate::is_name("count") && Aggregate::is_name("Max") && !Aggregate::is_name("x")
+        );
     }
 }

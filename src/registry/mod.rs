@@ -15,12 +15,13 @@ pub mod identity;
 
 pub use identity::{Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
 
+use crate::c2d::{self, CloudMessage};
 use crate::error::{ErrorCode, HubError, HubResult};
 use crate::timestamp::Timestamp;
 use crate::twin::Twin;
 use dashmap::DashMap;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -103,7 +104,18 @@ struct DeviceRecord {
     device: Device,
     twin: Twin,
     modules: BTreeMap<String, ModuleRecord>,
+    /// Cloud-to-device messages waiting for the device, oldest first.
+    c2d: VecDeque<CloudMessage>,
     deleted: bool,
+}
+
+impl DeviceRecord {
+    /// Drops expired cloud-to-device messages and keeps the device's message count current.
+    fn purge_expired_c2d(&mut self) {
+        let now = std::time::SystemTime::now();
+        self.c2d.retain(|m| !m.is_expired(now));
+        self.device.common.c2d_count = self.c2d.len() as u32;
+    }
 }
 
 /// Counts for `GET /statistics/devices`.
@@ -121,6 +133,8 @@ pub struct Registry {
     devices: DashMap<String, Arc<Mutex<DeviceRecord>>>,
     /// Source of identity etags; a global atomic, not a lock.
     etag_seq: AtomicU64,
+    /// Source of cloud-to-device lock tokens.
+    c2d_seq: AtomicU64,
     /// Most modules a device may have (IoT Hub: 50).
     max_modules: usize,
 }
@@ -130,6 +144,7 @@ impl Registry {
         Self {
             devices: DashMap::new(),
             etag_seq: AtomicU64::new(1),
+            c2d_seq: AtomicU64::new(1),
             max_modules,
         }
     }
@@ -183,6 +198,7 @@ impl Registry {
                         device,
                         twin: Twin::new(),
                         modules: BTreeMap::new(),
+                        c2d: VecDeque::new(),
                         deleted: false,
                     })));
                     Ok(json)
@@ -390,6 +406,68 @@ impl Registry {
             }
             Ok(version)
         })
+    }
+
+    // ----- cloud-to-device messages -----
+
+    /// Queues a message for a device.
+    ///
+    /// # Errors
+    /// 404001 for an unknown device; 403004 when 50 messages already wait.
+    pub fn enqueue_c2d(&self, device_id: &str, mut message: CloudMessage) -> HubResult<()> {
+        self.with_device(device_id, |rec| {
+            rec.purge_expired_c2d();
+            if rec.c2d.len() >= c2d::MAX_QUEUE {
+                return Err(HubError::new(
+                    ErrorCode::DeviceMaximumQueueDepthExceeded,
+                    format!(
+                        "Device {device_id} already has the maximum of {} cloud-to-device messages waiting",
+                        c2d::MAX_QUEUE
+                    ),
+                ));
+            }
+            message.lock_token = self.c2d_seq.fetch_add(1, Ordering::Relaxed);
+            rec.c2d.push_back(message);
+            rec.device.common.c2d_count = rec.c2d.len() as u32;
+            Ok(())
+        })
+    }
+
+    /// Unexpired messages waiting for a device, except those in `in_flight`, oldest first.
+    pub fn pending_c2d(&self, device_id: &str, in_flight: &HashSet<u64>) -> Vec<CloudMessage> {
+        self.with_device(device_id, |rec| {
+            rec.purge_expired_c2d();
+            Ok(rec
+                .c2d
+                .iter()
+                .filter(|m| !in_flight.contains(&m.lock_token))
+                .cloned()
+                .collect())
+        })
+        .unwrap_or_default()
+    }
+
+    /// The device completed (acknowledged) a message: it leaves the queue.
+    pub fn complete_c2d(&self, device_id: &str, lock_token: u64) {
+        let _ = self.with_device(device_id, |rec| {
+            rec.c2d.retain(|m| m.lock_token != lock_token);
+            rec.device.common.c2d_count = rec.c2d.len() as u32;
+            Ok(())
+        });
+    }
+
+    /// Forgets every identity (hub reset).
+    pub fn clear(&self) {
+        let records: Vec<_> = self.devices.iter().map(|e| Arc::clone(e.value())).collect();
+        for r in records {
+            lock(&r).deleted = true;
+        }
+        self.devices.clear();
+    }
+
+    /// Whether an identity exists.
+    pub fn exists(&self, key: &IdentityKey) -> HubResult<()> {
+        self.with_device(&key.device_id, |rec| common_of(rec, key).map(drop))
     }
 
     // ----- device-facing identity -----

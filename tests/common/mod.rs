@@ -48,6 +48,7 @@ pub fn config(certs_dir: PathBuf) -> Config {
         extra_sans: vec![],
         policies: default_policies(),
         max_modules_per_device: 50,
+        telemetry_capacity: 1000,
     }
 }
 
