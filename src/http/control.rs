@@ -8,7 +8,9 @@
 use super::body::{json_response, ok, JsonBody};
 use super::error::HttpResult;
 use crate::c2d::CloudMessage;
+use crate::error::HubError;
 use crate::hub::Hub;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -75,7 +77,11 @@ struct TelemetryQuery {
 }
 
 /// `GET /_emulator/telemetry?deviceId=&moduleId=&after=&limit=&wait=`
-async fn telemetry(State(hub): State<Hub>, Query(q): Query<TelemetryQuery>) -> Response {
+async fn telemetry(
+    State(hub): State<Hub>,
+    query: Result<Query<TelemetryQuery>, QueryRejection>,
+) -> HttpResult<Response> {
+    let Query(q) = query.map_err(|e| HubError::invalid(format!("Bad query string: {e}")))?;
     let limit = q.limit.unwrap_or(MAX_READ).clamp(1, MAX_READ);
     let wait = Duration::from_secs(q.wait).min(MAX_WAIT);
     let filter = |m: &crate::telemetry::Message| {
@@ -89,12 +95,12 @@ async fn telemetry(State(hub): State<Hub>, Query(q): Query<TelemetryQuery>) -> R
     let log = hub.telemetry();
     let messages = log.read_or_wait(q.after, limit, wait, filter).await;
     let next = messages.last().map_or(q.after, |m| m.sequence);
-    ok(&json!({
+    Ok(ok(&json!({
         "messages": messages.iter().map(|m| m.to_json()).collect::<Vec<Value>>(),
         "next": next,
         "lastSequenceNumber": log.last_sequence(),
         "dropped": log.dropped(),
-    }))
+    })))
 }
 
 /// `POST /_emulator/devices/{id}/messages`: queue a cloud-to-device message.

@@ -7,6 +7,7 @@ use super::no_content;
 use crate::error::{ErrorCode, HubError};
 use crate::hub::Hub;
 use crate::registry::{IdentityKey, IfMatch};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
@@ -47,7 +48,11 @@ struct ListQuery {
     top: Option<String>,
 }
 
-async fn list_devices(State(hub): State<Hub>, Query(q): Query<ListQuery>) -> HttpResult<Response> {
+async fn list_devices(
+    State(hub): State<Hub>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> HttpResult<Response> {
+    let Query(q) = query.map_err(|e| HubError::invalid(format!("Bad query string: {e}")))?;
     let top = match q.top.as_deref() {
         None | Some("") => MAX_LIST,
         Some(t) => t

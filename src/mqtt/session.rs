@@ -142,11 +142,18 @@ where
     hub.registry()
         .set_connected(&key, true, accepted.model_id.as_deref());
     tracing::info!(%peer, identity = %key, "mqtt connected");
+    let clean_session = accepted.clean_session;
     let result = Session::new(&hub, accepted, registration)
-        .run(&mut framed)
+        .serve(&mut framed)
         .await;
+    // Only the current connection of an identity may change its state: a connection that was
+    // taken over must not mark the identity offline or wipe its successor's session.
     if hub.connections().unregister(&key, id) {
         hub.registry().set_connected(&key, false, None);
+        if clean_session {
+            // [MQTT-3.1.2-6] A clean session ends with the connection.
+            hub.connections().set_session(&key, 0);
+        }
     }
     match result {
         Ok(()) => tracing::info!(%peer, identity = %key, "mqtt disconnected"),
@@ -293,7 +300,6 @@ struct Session<'h> {
     hub: &'h Hub,
     key: IdentityKey,
     keep_alive: Duration,
-    clean_session: bool,
     token_expiry: Option<u64>,
     registration: Registration,
     /// Enabled features (bits of [`Feature`]), mirrored into the hub's session store.
@@ -312,7 +318,6 @@ impl<'h> Session<'h> {
             hub,
             key: accepted.key,
             keep_alive: accepted.keep_alive,
-            clean_session: accepted.clean_session,
             auth_method: if accepted.token_expiry.is_some() {
                 "SAS"
             } else {
@@ -324,18 +329,6 @@ impl<'h> Session<'h> {
             in_flight: HashMap::new(),
             last_packet_id: 0,
         }
-    }
-
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        framed: &mut Framed<S>,
-    ) -> Result<(), Error> {
-        let result = self.serve(framed).await;
-        if self.clean_session {
-            // [MQTT-3.1.2-6] A clean session ends with the connection.
-            self.hub.connections().set_session(&self.key, 0);
-        }
-        result
     }
 
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(

@@ -6,6 +6,7 @@
 //! arguments and arrays, all of which the parser counts against its nesting limit. That keeps
 //! both evaluation and `Drop` recursion bounded.
 
+use super::QueryError;
 use serde_json::Value;
 
 /// The collection a query runs over (`FROM devices` or `FROM devices.modules`).
@@ -35,6 +36,64 @@ pub enum Select {
     All,
     /// `SELECT a, b AS c, COUNT() AS n`.
     Items(Vec<SelectItem>),
+}
+
+impl Select {
+    /// SELECT list rules: with GROUP BY every plain item must be one of the grouped paths ("for
+    /// each group, a row is generated as specified in the SELECT clause"); without GROUP BY,
+    /// aggregates and per-row items cannot be mixed; output names must be unique.
+    pub(crate) fn check(
+        &self,
+        positions: &[usize],
+        group_by: &[Path],
+        group_pos: usize,
+    ) -> Result<(), QueryError> {
+        let Select::Items(items) = self else {
+            if !group_by.is_empty() {
+                return Err(QueryError::new(
+                    group_pos,
+                    "SELECT * cannot be used with GROUP BY",
+                ));
+            }
+            return Ok(());
+        };
+        let has_aggregate = items
+            .iter()
+            .any(|i| matches!(i.kind, ItemKind::Aggregate(_)));
+        let mut names: Vec<String> = Vec::new();
+        for (item, &pos) in items.iter().zip(positions) {
+            if let ItemKind::Expr(expr) = &item.kind {
+                if !group_by.is_empty() {
+                    let grouped =
+                        matches!(expr, Expr::Path(p) if group_by.iter().any(|g| g.same_as(p)));
+                    if !grouped {
+                        return Err(QueryError::new(
+                            pos,
+                            "a SELECT item must be a GROUP BY path or an aggregate",
+                        ));
+                    }
+                } else if has_aggregate {
+                    return Err(QueryError::new(
+                        pos,
+                        "cannot mix aggregates and per-row items without GROUP BY",
+                    ));
+                }
+            }
+            let name = match (&item.name, &item.kind) {
+                (Some(name), _) => name.clone(),
+                (None, ItemKind::Expr(Expr::Path(p))) => p.last().to_owned(),
+                (None, _) => continue,
+            };
+            if names.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
+                return Err(QueryError::new(
+                    pos,
+                    format!("duplicate name '{name}' in SELECT list"),
+                ));
+            }
+            names.push(name);
+        }
+        Ok(())
+    }
 }
 
 /// One element of the SELECT list.
@@ -235,6 +294,19 @@ impl Function {
             .iter()
             .find(|(n, ..)| n.eq_ignore_ascii_case(name))
             .map(|&(_, f, min, max)| (f, min, max))
+    }
+}
+
+impl Function {
+    /// The message for a call to `name` with `found` arguments outside `min..=max`.
+    pub fn arity_error(name: &str, min: usize, max: usize, found: usize) -> String {
+        let wanted = match (min, max) {
+            (a, b) if a == b => format!("{a}"),
+            (a, usize::MAX) => format!("at least {a}"),
+            (a, b) => format!("{a} to {b}"),
+        };
+        let name = name.to_ascii_uppercase();
+        format!("function {name} takes {wanted} argument(s), found {found}")
     }
 }
 

@@ -436,7 +436,11 @@ mod tests {
     }
 
     fn module(device_id: &str, module_id: &str) -> Value {
-        let mut twin = device(device_id, json!({"status": "scanning", "$version": 1}), None);
+        let mut twin = device(
+            device_id,
+            json!({"status": "scanning", "$version": 1}),
+            None,
+        );
         let object = twin.as_object_mut().unwrap();
         object.remove("capabilities");
         object.insert("moduleId".into(), json!(module_id));
@@ -563,14 +567,26 @@ mod tests {
         assert!(!hits("tags.missing = 1 AND deviceId = 'd1'", &twin));
         assert!(!hits("NOT (tags.missing = 1 OR deviceId = 'x')", &twin));
         assert!(hits("NOT NOT deviceId = 'd1'", &twin));
-        assert!(hits("deviceId = 'x' OR (status = 'enabled' AND version = 2)", &twin));
+        assert!(hits(
+            "deviceId = 'x' OR (status = 'enabled' AND version = 2)",
+            &twin
+        ));
     }
 
     #[test]
     fn only_boolean_true_is_a_match() {
         let twin = d1();
         assert!(hits("true", &twin));
-        for filter in ["false", "null", "1", "'true'", "deviceId", "tags", "[true]", "undefined"] {
+        for filter in [
+            "false",
+            "null",
+            "1",
+            "'true'",
+            "deviceId",
+            "tags",
+            "[true]",
+            "undefined",
+        ] {
             assert!(!hits(filter, &twin), "{filter}");
         }
         assert!(parse("SELECT * FROM devices").unwrap().matches(&twin));
@@ -611,7 +627,13 @@ mod tests {
         ] {
             assert!(hits(filter, &twin), "{filter}");
         }
-        for filter in ["1 / 0 = 1", "1 % 0 = 0", "deviceId + 1 = 1", "-deviceId = 1", "1 / 0 != 1"] {
+        for filter in [
+            "1 / 0 = 1",
+            "1 % 0 = 0",
+            "deviceId + 1 = 1",
+            "-deviceId = 1",
+            "1 / 0 != 1",
+        ] {
             assert!(!hits(filter, &twin), "{filter}");
         }
     }
@@ -619,8 +641,10 @@ mod tests {
     #[test]
     fn module_rows() {
         let twin = module("device1", "m1");
-        let q = parse("SELECT * FROM devices.modules WHERE moduleId = 'm1' AND deviceId IN ['device1']")
-            .unwrap();
+        let q = parse(
+            "SELECT * FROM devices.modules WHERE moduleId = 'm1' AND deviceId IN ['device1']",
+        )
+        .unwrap();
         assert!(q.matches(&twin));
         assert!(!hits("is_defined(capabilities)", &twin));
     }
@@ -664,7 +688,11 @@ mod tests {
 
     fn statuses() -> Vec<Value> {
         let with = |id: &str, status: Value| {
-            device(id, json!({"telemetryConfig": {"status": status}, "n": 2}), None)
+            device(
+                id,
+                json!({"telemetryConfig": {"status": status}, "n": 2}),
+                None,
+            )
         };
         vec![
             with("a", json!("Success")),
@@ -741,7 +769,10 @@ mod tests {
             vec![json!({"numberOfDevices": 7})]
         );
         assert_eq!(
-            aggregate("SELECT COUNT() AS n FROM devices WHERE deviceId = 'none'", &rows),
+            aggregate(
+                "SELECT COUNT() AS n FROM devices WHERE deviceId = 'none'",
+                &rows
+            ),
             vec![json!({"n": 0})]
         );
         assert_eq!(
@@ -789,14 +820,26 @@ mod tests {
         assert!(!q.is_aggregate());
         assert_eq!(
             q.aggregate(rows.iter()),
-            vec![json!({"deviceId": "a"}), json!({"deviceId": "b"}), json!({"deviceId": "c"})]
+            vec![
+                json!({"deviceId": "a"}),
+                json!({"deviceId": "b"}),
+                json!({"deviceId": "c"})
+            ]
         );
-        assert_eq!(parse("SELECT TOP 1 * FROM devices").unwrap().aggregate(rows.iter()), vec![rows[0].clone()]);
+        assert_eq!(
+            parse("SELECT TOP 1 * FROM devices")
+                .unwrap()
+                .aggregate(rows.iter()),
+            vec![rows[0].clone()]
+        );
     }
 
     #[test]
     fn project_on_an_aggregate_query_aggregates_the_one_row() {
         let twin = d1();
-        assert_eq!(project("SELECT COUNT() AS n FROM devices", &twin), json!({"n": 1}));
+        assert_eq!(
+            project("SELECT COUNT() AS n FROM devices", &twin),
+            json!({"n": 1})
+        );
     }
 }

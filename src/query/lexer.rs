@@ -95,12 +95,13 @@ pub struct Token {
 }
 
 impl Token {
-    /// How error messages show this token: `'WHERE'`, or `end of query`.
+    /// How error messages show this token: `'WHERE'`, `"text"`, or `end of query`.
     pub fn describe(&self) -> String {
-        if self.kind == TokenKind::Eof {
-            "end of query".to_owned()
-        } else {
-            format!("'{}'", self.text)
+        match self.kind {
+            TokenKind::Eof => "end of query".to_owned(),
+            // A string token's text already carries its quotes.
+            TokenKind::Str(_) => self.text.clone(),
+            _ => format!("'{}'", self.text),
         }
     }
 }
@@ -506,8 +507,10 @@ mod tests {
 
     #[test]
     fn describe_tokens_for_messages() {
-        let tokens = tokenize("WHERE").unwrap();
+        let tokens = tokenize("WHERE \"s\" 's'").unwrap();
         assert_eq!(tokens[0].describe(), "'WHERE'");
-        assert_eq!(tokens[1].describe(), "end of query");
+        assert_eq!(tokens[1].describe(), "\"s\"");
+        assert_eq!(tokens[2].describe(), "'s'");
+        assert_eq!(tokens[3].describe(), "end of query");
     }
 }

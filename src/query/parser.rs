@@ -156,7 +156,7 @@ impl Parser {
                 (None, true) => "WHERE, GROUP BY or end of query",
             }));
         }
-        check_select(&select, &positions, &group_by, group_pos)?;
+        select.check(&positions, &group_by, group_pos)?;
         Ok(Query {
             top,
             select,
@@ -520,18 +520,9 @@ impl Parser {
         self.leave();
         let args = args?;
         if args.len() < min || args.len() > max {
-            let wanted = match (min, max) {
-                (a, b) if a == b => format!("{a}"),
-                (a, usize::MAX) => format!("at least {a}"),
-                (a, b) => format!("{a} to {b}"),
-            };
             return Err(QueryError::new(
                 pos,
-                format!(
-                    "function {} takes {wanted} argument(s), found {}",
-                    name.to_ascii_uppercase(),
-                    args.len()
-                ),
+                Function::arity_error(name, min, max, args.len()),
             ));
         }
         Ok(Expr::Call(function, args))
@@ -544,62 +535,6 @@ fn arith(first: Expr, rest: Vec<(ArithOp, Expr)>) -> Expr {
     } else {
         Expr::Arith(Box::new(first), rest)
     }
-}
-
-/// SELECT list rules: with GROUP BY every plain item must be one of the grouped paths ("for
-/// each group, a row is generated as specified in the SELECT clause"); without GROUP BY,
-/// aggregates and per-row items cannot be mixed; output names must be unique.
-fn check_select(
-    select: &Select,
-    positions: &[usize],
-    group_by: &[Path],
-    group_pos: usize,
-) -> Result<()> {
-    let Select::Items(items) = select else {
-        if !group_by.is_empty() {
-            return Err(QueryError::new(
-                group_pos,
-                "SELECT * cannot be used with GROUP BY",
-            ));
-        }
-        return Ok(());
-    };
-    let has_aggregate = items
-        .iter()
-        .any(|i| matches!(i.kind, ItemKind::Aggregate(_)));
-    let mut names: Vec<String> = Vec::new();
-    for (item, &pos) in items.iter().zip(positions) {
-        if let ItemKind::Expr(expr) = &item.kind {
-            if !group_by.is_empty() {
-                let grouped =
-                    matches!(expr, Expr::Path(p) if group_by.iter().any(|g| g.same_as(p)));
-                if !grouped {
-                    return Err(QueryError::new(
-                        pos,
-                        "a SELECT item must be a GROUP BY path or an aggregate",
-                    ));
-                }
-            } else if has_aggregate {
-                return Err(QueryError::new(
-                    pos,
-                    "cannot mix aggregates and per-row items without GROUP BY",
-                ));
-            }
-        }
-        let name = match (&item.name, &item.kind) {
-            (Some(name), _) => name.clone(),
-            (None, ItemKind::Expr(Expr::Path(p))) => p.last().to_owned(),
-            (None, _) => continue,
-        };
-        if names.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
-            return Err(QueryError::new(
-                pos,
-                format!("duplicate name '{name}' in SELECT list"),
-            ));
-        }
-        names.push(name);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -690,7 +625,10 @@ mod tests {
             ]
         );
         // A property called `count` is still a property.
-        assert_eq!(items("SELECT count FROM devices")[0].kind, ItemKind::Expr(path("count")));
+        assert_eq!(
+            items("SELECT count FROM devices")[0].kind,
+            ItemKind::Expr(path("count"))
+        );
     }
 
     #[test]
@@ -704,8 +642,10 @@ mod tests {
             q.group_by,
             vec![Path::dotted("properties.reported.telemetryConfig.status")]
         );
-        let q = parse("SELECT status, connectionState, COUNT() FROM devices GROUP BY status, connectionState")
-            .unwrap();
+        let q = parse(
+            "SELECT status, connectionState, COUNT() FROM devices GROUP BY status, connectionState",
+        )
+        .unwrap();
         assert_eq!(q.group_by.len(), 2);
     }
 
@@ -780,7 +720,12 @@ mod tests {
 
     #[test]
     fn in_nin_and_not_in_with_brackets_or_parentheses() {
-        let list = vec![lit(json!("wired")), lit(json!(-1)), lit(json!(-2.5)), lit(Value::Null)];
+        let list = vec![
+            lit(json!("wired")),
+            lit(json!(-1)),
+            lit(json!(-2.5)),
+            lit(Value::Null),
+        ];
         let expected = |negated| Expr::In {
             expr: Box::new(path("x")),
             list: list.clone(),
@@ -844,7 +789,10 @@ mod tests {
         );
         assert_eq!(
             filter("STARTSWITH(deviceId, 'd')"),
-            Expr::Call(Function::StartsWith, vec![path("deviceId"), lit(json!("d"))])
+            Expr::Call(
+                Function::StartsWith,
+                vec![path("deviceId"), lit(json!("d"))]
+            )
         );
         assert_eq!(
             filter("concat('a', 'b', 'c') = 'abc'"),
@@ -869,31 +817,70 @@ mod tests {
             "Syntax error at position 16: expected FROM, found 'WHERE'"
         );
         let e = err("");
-        assert_eq!((e.position, e.message.as_str()), (0, "expected SELECT, found end of query"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (0, "expected SELECT, found end of query")
+        );
         let e = err("SELECT * FROM devices WHERE");
         assert_eq!(e.position, 27);
         assert_eq!(e.message, "expected an expression, found end of query");
         let e = err("SELECT * FROM devices WHERE (a = 1");
-        assert_eq!((e.position, e.message.as_str()), (34, "expected ')', found end of query"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (34, "expected ')', found end of query")
+        );
         let e = err("SELECT * FROM devices WHERE a = = 1");
-        assert_eq!((e.position, e.message.as_str()), (32, "expected an expression, found '='"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (32, "expected an expression, found '='")
+        );
         let e = err("SELECT * FROM devices WHERE a = 1 b");
         assert_eq!(e.position, 34);
-        assert!(e.message.starts_with("expected an operator, GROUP BY"), "{e}");
+        assert!(
+            e.message.starts_with("expected an operator, GROUP BY"),
+            "{e}"
+        );
         assert_eq!(err("SELECT * FROM devices x").position, 22);
-        assert_eq!(err("SELECT FROM devices").message, "expected an expression, found 'FROM'");
+        assert_eq!(
+            err("SELECT FROM devices").message,
+            "expected an expression, found 'FROM'"
+        );
         assert_eq!(err("SELECT a, FROM devices").position, 10);
-        assert_eq!(err("SELECT a AS FROM devices").message, "expected an alias name after AS, found 'FROM'");
-        assert_eq!(err("SELECT a AS").message, "expected an alias name after AS, found end of query");
+        assert_eq!(
+            err("SELECT a AS FROM devices").message,
+            "expected an alias name after AS, found 'FROM'"
+        );
+        assert_eq!(
+            err("SELECT a AS").message,
+            "expected an alias name after AS, found end of query"
+        );
         assert_eq!(err("SELECT TOP x * FROM devices").position, 11);
         assert_eq!(err("SELECT TOP -1 * FROM devices").position, 11);
         assert_eq!(err("SELECT TOP 1.5 * FROM devices").position, 11);
-        assert_eq!(err("SELECT * FROM devices WHERE x IN 5").message, "expected '[' or '(' after IN, found '5'");
-        assert_eq!(err("SELECT * FROM devices WHERE x IN [1 2]").message, "expected ',' or ']', found '2'");
-        assert_eq!(err("SELECT * FROM devices WHERE a.").message, "expected a property name after '.', found end of query");
-        assert_eq!(err("SELECT * FROM devices GROUP status").message, "expected BY, found 'status'");
-        assert_eq!(err("SELECT * FROM devices GROUP BY 1").message, "expected a property path, found '1'");
-        assert_eq!(err("SELECT COUNT(1) FROM devices").message, "expected ')' (COUNT takes no arguments), found '1'");
+        assert_eq!(
+            err("SELECT * FROM devices WHERE x IN 5").message,
+            "expected '[' or '(' after IN, found '5'"
+        );
+        assert_eq!(
+            err("SELECT * FROM devices WHERE x IN [1 2]").message,
+            "expected ',' or ']', found '2'"
+        );
+        assert_eq!(
+            err("SELECT * FROM devices WHERE a.").message,
+            "expected a property name after '.', found end of query"
+        );
+        assert_eq!(
+            err("SELECT * FROM devices GROUP status").message,
+            "expected BY, found 'status'"
+        );
+        assert_eq!(
+            err("SELECT * FROM devices GROUP BY 1").message,
+            "expected a property path, found '1'"
+        );
+        assert_eq!(
+            err("SELECT COUNT(1) FROM devices").message,
+            "expected ')' (COUNT takes no arguments), found '1'"
+        );
         assert_eq!(err("SELECT * FROM devices WHERE x = 'open").position, 32);
     }
 
@@ -901,20 +888,32 @@ mod tests {
     fn unknown_sources_are_rejected() {
         let e = err("SELECT * FROM things");
         assert_eq!(e.position, 14);
-        assert_eq!(e.message, "expected devices or devices.modules, found 'things'");
+        assert_eq!(
+            e.message,
+            "expected devices or devices.modules, found 'things'"
+        );
         let e = err("SELECT * FROM devices.jobs WHERE devices.jobs.deviceId = 'myDeviceId'");
         assert_eq!(e.position, 14);
         assert!(e.message.contains("devices.jobs is not supported"), "{e}");
-        assert_eq!(err("SELECT * FROM devices.x").message, "expected modules after 'devices.', found 'x'");
+        assert_eq!(
+            err("SELECT * FROM devices.x").message,
+            "expected modules after 'devices.', found 'x'"
+        );
     }
 
     #[test]
     fn function_errors() {
         let e = err("SELECT * FROM devices WHERE foo(x)");
-        assert_eq!((e.position, e.message.as_str()), (28, "unknown function 'foo'"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (28, "unknown function 'foo'")
+        );
         let e = err("SELECT * FROM devices WHERE is_defined(a, b)");
         assert_eq!(e.position, 28);
-        assert_eq!(e.message, "function IS_DEFINED takes 1 argument(s), found 2");
+        assert_eq!(
+            e.message,
+            "function IS_DEFINED takes 1 argument(s), found 2"
+        );
         assert_eq!(
             err("SELECT * FROM devices WHERE concat('a')").message,
             "function CONCAT takes at least 2 argument(s), found 1"
@@ -924,24 +923,43 @@ mod tests {
             "function SUBSTRING takes 2 to 3 argument(s), found 1"
         );
         let e = err("SELECT * FROM devices WHERE COUNT() > 1");
-        assert_eq!((e.position, e.message.as_str()), (28, "aggregate COUNT() is only allowed as a SELECT item"));
-        assert!(err("SELECT COUNT() + 1 FROM devices").message.starts_with("expected FROM"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (28, "aggregate COUNT() is only allowed as a SELECT item")
+        );
+        assert!(err("SELECT COUNT() + 1 FROM devices")
+            .message
+            .starts_with("expected FROM"));
     }
 
     #[test]
     fn select_list_must_agree_with_group_by() {
         let e = err("SELECT deviceId, COUNT() AS n FROM devices");
         assert_eq!(e.position, 7);
-        assert_eq!(e.message, "cannot mix aggregates and per-row items without GROUP BY");
+        assert_eq!(
+            e.message,
+            "cannot mix aggregates and per-row items without GROUP BY"
+        );
         let e = err("SELECT status, COUNT() FROM devices GROUP BY connectionState");
-        assert_eq!((e.position, e.message.as_str()), (7, "a SELECT item must be a GROUP BY path or an aggregate"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (7, "a SELECT item must be a GROUP BY path or an aggregate")
+        );
         let e = err("SELECT * FROM devices GROUP BY status");
-        assert_eq!((e.position, e.message.as_str()), (22, "SELECT * cannot be used with GROUP BY"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (22, "SELECT * cannot be used with GROUP BY")
+        );
         assert!(parse("SELECT Status, COUNT() FROM devices GROUP BY status").is_ok());
         assert!(parse("SELECT status FROM devices GROUP BY status").is_ok());
         let e = err("SELECT deviceId, DeviceId FROM devices");
-        assert_eq!((e.position, e.message.as_str()), (17, "duplicate name 'DeviceId' in SELECT list"));
-        assert!(err("SELECT a AS x, b AS x FROM devices").message.contains("duplicate"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (17, "duplicate name 'DeviceId' in SELECT list")
+        );
+        assert!(err("SELECT a AS x, b AS x FROM devices")
+            .message
+            .contains("duplicate"));
     }
 
     #[test]
@@ -957,11 +975,31 @@ mod tests {
         assert!(parse(&nested(MAX_NESTING - 1)).is_ok());
         let e = err(&nested(MAX_NESTING));
         assert_eq!(e.message, "expression nested more than 64 levels deep");
-        assert!(parse(&format!("SELECT * FROM devices WHERE {}true", "NOT ".repeat(63))).is_ok());
-        assert!(parse(&format!("SELECT * FROM devices WHERE {}true", "NOT ".repeat(64))).is_err());
-        assert!(parse(&format!("SELECT * FROM devices WHERE {}1 = 1", "-".repeat(100))).is_err());
-        assert!(parse(&format!("SELECT * FROM devices WHERE x IN {}", "[".repeat(100))).is_err());
-        assert!(parse(&format!("SELECT * FROM devices WHERE {}x", "abs(".repeat(100))).is_err());
+        assert!(parse(&format!(
+            "SELECT * FROM devices WHERE {}true",
+            "NOT ".repeat(63)
+        ))
+        .is_ok());
+        assert!(parse(&format!(
+            "SELECT * FROM devices WHERE {}true",
+            "NOT ".repeat(64)
+        ))
+        .is_err());
+        assert!(parse(&format!(
+            "SELECT * FROM devices WHERE {}1 = 1",
+            "-".repeat(100)
+        ))
+        .is_err());
+        assert!(parse(&format!(
+            "SELECT * FROM devices WHERE x IN {}",
+            "[".repeat(100)
+        ))
+        .is_err());
+        assert!(parse(&format!(
+            "SELECT * FROM devices WHERE {}x",
+            "abs(".repeat(100)
+        ))
+        .is_err());
     }
 
     #[test]
@@ -971,6 +1009,9 @@ mod tests {
         assert_eq!(fits.chars().count(), MAX_QUERY_CHARS);
         assert!(parse(&fits).is_ok());
         let e = err(&pad(MAX_QUERY_CHARS));
-        assert_eq!((e.position, e.message.as_str()), (8192, "query is longer than 8192 characters"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (8192, "query is longer than 8192 characters")
+        );
     }
 }

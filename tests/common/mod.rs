@@ -248,7 +248,8 @@ impl Http {
         body: Option<String>,
         headers: &[(&str, &str)],
     ) -> Reply {
-        let url = format!("{}{path}?api-version=2021-04-12", self.base);
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{separator}api-version=2021-04-12", self.base);
         let mut request = self
             .client
             .request(method.parse().unwrap(), url)
