@@ -11,6 +11,7 @@ mod auth;
 pub mod body;
 mod control;
 pub mod error;
+mod query;
 mod registry;
 mod twins;
 
@@ -36,6 +37,7 @@ pub fn router(hub: Hub) -> Router {
     let service = Router::new()
         .merge(registry::routes())
         .merge(twins::routes())
+        .merge(query::routes())
         .merge(control::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             hub.clone(),

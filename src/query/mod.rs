@@ -95,6 +95,11 @@ impl Query {
         self.source
     }
 
+    /// `SELECT *`: results are whole twins (`x-ms-item-type: twin`), not projections.
+    pub fn is_select_star(&self) -> bool {
+        matches!(self.select, ast::Select::All)
+    }
+
     /// The TOP limit, if any.
     pub fn top(&self) -> Option<usize> {
         self.top

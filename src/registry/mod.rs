@@ -408,6 +408,49 @@ impl Registry {
         })
     }
 
+    /// Twin rows (the `GET /twins` JSON) in identity order, starting after `after`, fed to
+    /// `visit` until it returns `false`. Devices are locked one at a time and only while their
+    /// rows are built, so a query over many twins never blocks twin updates for long.
+    /// `modules` picks module twins (`FROM devices.modules`) instead of device twins.
+    pub fn scan_twins(
+        &self,
+        modules: bool,
+        after: Option<&IdentityKey>,
+        mut visit: impl FnMut(IdentityKey, Value) -> bool,
+    ) {
+        let mut ids: Vec<String> = self.devices.iter().map(|e| e.key().clone()).collect();
+        ids.sort();
+        let start = after.map_or(0, |a| ids.partition_point(|id| *id < a.device_id));
+        for device_id in &ids[start..] {
+            let Some(record) = self.devices.get(device_id).map(|r| Arc::clone(r.value())) else {
+                continue;
+            };
+            let rows: Vec<(IdentityKey, Value)> = {
+                let mut rec = lock(&record);
+                if rec.deleted {
+                    continue;
+                }
+                let keys: Vec<IdentityKey> = if modules {
+                    rec.modules
+                        .keys()
+                        .map(|m| IdentityKey::module(device_id.clone(), m.clone()))
+                        .collect()
+                } else {
+                    vec![IdentityKey::device(device_id.clone())]
+                };
+                keys.into_iter()
+                    .filter(|k| after.is_none_or(|a| k > a))
+                    .filter_map(|k| twin_json(&mut rec, &k).ok().map(|t| (k, t)))
+                    .collect()
+            };
+            for (key, row) in rows {
+                if !visit(key, row) {
+                    return;
+                }
+            }
+        }
+    }
+
     // ----- cloud-to-device messages -----
 
     /// Queues a message for a device.
