@@ -6,9 +6,14 @@
 //! - [`auth`]: policies, symmetric keys, SAS tokens.
 //! - [`registry`]: device and module identities and their twins (the twin store), sharded per
 //!   device. [`twin`] holds the pure twin-document logic (merge, versions, `$metadata`, limits).
-//! - [`connections`]: live device connections by identity, with bounded event queues.
+//! - [`connections`]: live device connections by identity, with bounded event queues, and
+//!   the session state (subscriptions) that outlives them.
+//! - [`methods`]: direct-method calls in flight; [`telemetry`]: the device-to-cloud message
+//!   log; [`c2d`]: cloud-to-device messages (queued in the registry).
+//! - [`query`]: the IoT Hub query language (lexer, parser, evaluator).
 //! - [`hub`]: [`Hub`], the one shared handle: registry + connections + authentication.
-//! - [`http`]: the HTTPS service API (and the MQTT-over-WebSockets endpoint on the same port).
+//! - [`http`]: the HTTPS service API, the `/_emulator/` control API, and the
+//!   MQTT-over-WebSockets endpoint on the same port.
 //! - [`mqtt`]: the device-facing MQTT front end.
 //! - [`error`]: IoT Hub's error codes; each front end maps them to its wire in one place.
 //!
