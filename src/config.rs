@@ -5,6 +5,7 @@
 //! the reason.
 
 use crate::auth::{default_policies, Permission, Permissions, Policy, SymmetricKey};
+use crate::seed::{SeedDevice, Seeds};
 use serde::Deserialize;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ pub struct Config {
     pub max_modules_per_device: usize,
     /// How many device-to-cloud messages the telemetry log keeps.
     pub telemetry_capacity: usize,
+    /// Identities that exist from the start (and again after a reset).
+    pub seeds: Seeds,
 }
 
 impl Config {
@@ -61,6 +64,9 @@ impl Config {
     }
 }
 
+/// The commented example configuration, printed by `--print-config`.
+pub const EXAMPLE_CONFIG: &str = include_str!("../config/example.toml");
+
 /// The `--config` file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +76,12 @@ pub struct ConfigFile {
     pub telemetry_log_size: Option<usize>,
     #[serde(default)]
     pub policies: Vec<PolicyEntry>,
+    /// Devices (and their modules) that exist from the start.
+    #[serde(default)]
+    pub devices: Vec<toml::Spanned<SeedDevice>>,
+    /// Where the file came from and its text, for line numbers in seed errors.
+    #[serde(skip)]
+    source: (String, String),
 }
 
 /// A policy in the config file. A name that exists replaces that policy's key (and its
@@ -90,7 +102,25 @@ impl ConfigFile {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses a config file's text; `path` names it in errors (which carry TOML's line and
+    /// column).
+    pub fn parse(text: &str, path: &str) -> Result<Self, String> {
+        let mut file: Self =
+            toml::from_str(text).map_err(|e| format!("config file {path}: {e}"))?;
+        file.source = (path.to_owned(), text.to_owned());
+        Ok(file)
+    }
+
+    /// The seeded devices, ready to apply.
+    pub fn seeds(&self) -> Seeds {
+        Seeds {
+            devices: self.devices.clone(),
+            path: self.source.0.clone(),
+            text: self.source.1.clone(),
+        }
     }
 
     /// Applies the file's policies over the built-in ones.
@@ -177,6 +207,13 @@ mod tests {
         let backend = policies.iter().find(|p| p.name == "backend").unwrap();
         assert!(backend.permissions.has(Permission::ServiceConnect));
         assert!(!backend.permissions.has(Permission::RegistryWrite));
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let file = ConfigFile::parse(EXAMPLE_CONFIG, "example.toml").unwrap();
+        assert!(file.policies().unwrap().iter().any(|p| p.name == "backend"));
+        assert_eq!(file.devices.len(), 2);
     }
 
     #[test]

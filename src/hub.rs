@@ -41,6 +41,10 @@ struct Inner {
     host_names: Vec<String>,
     /// The hub's own host name, as in connection strings.
     hostname: String,
+    /// Whether the hub listens on a loopback address only (the web portal then needs no sign-in).
+    loopback_only: bool,
+    /// Identities created at start-up and again on reset.
+    seeds: crate::seed::Seeds,
 }
 
 /// Which service operation a caller wants, for the permission check.
@@ -86,6 +90,8 @@ impl Hub {
                 policies: config.policies.clone(),
                 host_names: config.host_names(),
                 hostname: config.hostname.clone(),
+                loopback_only: config.bind.is_loopback(),
+                seeds: config.seeds.clone(),
             }),
         }
     }
@@ -180,12 +186,25 @@ impl Hub {
         Ok(())
     }
 
-    /// Back to the start-up state: no identities, no sessions, no messages, no calls.
+    /// Creates the seeded identities of the config file.
+    ///
+    /// # Errors
+    /// The file, line and reason of the first seed the registry refuses.
+    pub fn seed(&self) -> Result<(), String> {
+        self.inner.seeds.apply(&self.inner.registry)
+    }
+
+    /// Back to the start-up state: only the seeded identities, no sessions, no messages, no
+    /// calls in flight.
     pub fn reset(&self) {
         self.inner.registry.clear();
         self.inner.connections.close_all();
         self.inner.methods.clear();
         self.inner.telemetry.clear();
+        if let Err(e) = self.seed() {
+            // They applied at start-up, so this cannot happen short of a bug; say so loudly.
+            tracing::error!(error = %e, "re-applying the seeded identities after reset failed");
+        }
     }
 
     // ----- authentication -----
@@ -348,6 +367,45 @@ impl Hub {
     }
 }
 
+// ----- the web portal's access checks (see `portal`) -----
+
+impl Hub {
+    /// Whether the hub listens on a loopback address only, so that only this machine can reach
+    /// it. The web portal opens without sign-in then.
+    pub fn loopback_only(&self) -> bool {
+        self.inner.loopback_only
+    }
+
+    /// The shared access policy named `name`, if any.
+    pub fn find_policy(&self, name: &str) -> Option<&Policy> {
+        self.inner.policies.iter().find(|p| p.name == name)
+    }
+
+    /// The policy whose primary or secondary key is `key` (compared in constant time), limited
+    /// to the policy named `name` when one is given.
+    pub fn policy_with_key(&self, name: Option<&str>, key: &str) -> Option<&Policy> {
+        use subtle::ConstantTimeEq;
+        let given = key.trim().as_bytes();
+        self.inner
+            .policies
+            .iter()
+            .filter(|p| name.is_none_or(|n| n == p.name))
+            .find(|p| {
+                let primary = p.primary_key.to_base64();
+                let secondary = p.secondary_key.to_base64();
+                bool::from(primary.as_bytes().ct_eq(given))
+                    | bool::from(secondary.as_bytes().ct_eq(given))
+            })
+    }
+}
+
+impl Access {
+    /// Whether a policy with `permissions` may perform this operation.
+    pub fn granted_by(self, permissions: crate::auth::Permissions) -> bool {
+        permissions.has_any(self.permissions())
+    }
+}
+
 fn sas_error(e: SasError) -> HubError {
     let code = match e {
         SasError::Expired(_)
@@ -375,6 +433,7 @@ mod tests {
             policies: crate::auth::default_policies(),
             max_modules_per_device: 50,
             telemetry_capacity: 1000,
+            seeds: Default::default(),
         }
     }
 

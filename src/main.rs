@@ -43,6 +43,9 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Print the commented example config file and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -62,8 +65,21 @@ fn default_certs_dir() -> PathBuf {
     PathBuf::from(".iothub-emulator/certs")
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iothub-emulator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.print_config {
+        print!("{}", iothub_emulator::config::EXAMPLE_CONFIG);
+        return Ok(());
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("iothub_emulator=info"));
     let logs = tracing_subscriber::fmt()
@@ -93,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         telemetry_capacity: file
             .telemetry_log_size
             .unwrap_or(iothub_emulator::telemetry::DEFAULT_CAPACITY),
+        seeds: file.seeds(),
     };
     let user_cert = cli
         .tls_cert
@@ -102,6 +119,10 @@ fn main() -> anyhow::Result<()> {
     let tls = tls::setup(&config.certs_dir, &config.host_names(), user_cert.as_ref())
         .map_err(anyhow::Error::msg)
         .context("TLS setup failed")?;
+
+    let hub = Hub::new(&config);
+    hub.seed()
+        .map_err(|e| anyhow::anyhow!("config file: {e}"))?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -113,7 +134,6 @@ fn main() -> anyhow::Result<()> {
             https.local_addr()?,
             mqtt.local_addr()?,
         );
-        let hub = Hub::new(&config);
         if let Ok(pem) = std::fs::read_to_string(&tls.ca_path) {
             hub.set_ca_pem(pem);
         }

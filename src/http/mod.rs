@@ -46,6 +46,7 @@ pub fn router(hub: Hub) -> Router {
     Router::new()
         .route("/$iothub/websocket", get(websocket))
         .merge(control::open_routes())
+        .merge(crate::portal::routes())
         .merge(service)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -49,6 +49,7 @@ pub fn config(certs_dir: PathBuf) -> Config {
         policies: default_policies(),
         max_modules_per_device: 50,
         telemetry_capacity: 1000,
+        seeds: Default::default(),
     }
 }
 

@@ -1,0 +1,68 @@
+//! The load tool runs every scenario end to end at tiny sizes and writes well-formed JSON.
+//! No timing assertions: on shared machines only the shape of the output is stable.
+
+use std::process::Command;
+
+#[test]
+fn bench_smoke_runs_every_scenario() {
+    let dir = std::env::temp_dir().join(format!("iothub-bench-smoke-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let markdown_path = dir.join("bench.md");
+    let output = Command::new(env!("CARGO_BIN_EXE_iothub-bench"))
+        .arg("--smoke")
+        .args(["--emulator", env!("CARGO_BIN_EXE_iothub-emulator")])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--markdown")
+        .arg(&markdown_path)
+        .output()
+        .expect("iothub-bench starts");
+    assert!(
+        output.status.success(),
+        "iothub-bench --smoke failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let text = std::fs::read_to_string(&json_path).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let scenarios = report["scenarios"].as_object().expect("a scenarios object");
+    for key in [
+        "startup",
+        "register",
+        "connect",
+        "idle",
+        "twin-get",
+        "twin-patch",
+        "telemetry",
+        "desired-fanout",
+        "methods",
+        "rest",
+        "query",
+    ] {
+        let rows = scenarios
+            .get(key)
+            .and_then(|v| v.as_array())
+            .unwrap_or_else(|| panic!("no rows for scenario {key}"));
+        assert!(!rows.is_empty(), "{key}");
+        for row in rows {
+            assert!(row["ops"].as_u64().unwrap() > 0, "{key}: {row}");
+            assert_eq!(row["errors"].as_u64(), Some(0), "{key}: {row}");
+        }
+    }
+    // The emulator ÷ responder ratios for the MQTT round trips were measured.
+    let ratios = report["ratios"].as_array().unwrap();
+    for scenario in ["twin-get", "twin-patch", "telemetry"] {
+        assert!(
+            ratios
+                .iter()
+                .any(|r| r["scenario"] == scenario && r["ratio"].as_f64().is_some()),
+            "no ratio for {scenario}"
+        );
+    }
+    assert_eq!(report["problems"].as_array().map(Vec::len), Some(0));
+    let markdown = std::fs::read_to_string(&markdown_path).unwrap();
+    assert!(markdown.contains("| scenario | op |"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
