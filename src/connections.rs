@@ -200,6 +200,11 @@ impl Connections {
         self.sessions.clear();
     }
 
+    /// How many identities are connected now.
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
     pub fn is_connected(&self, key: &IdentityKey) -> bool {
         self.live.contains_key(key)
     }

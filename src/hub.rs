@@ -33,6 +33,8 @@ struct Inner {
     methods: Methods,
     /// Device-to-cloud messages, for the control API; sharded, bounded.
     telemetry: TelemetryLog,
+    /// Counters and histograms for `/_emulator/metrics`; atomics only.
+    metrics: crate::metrics::Metrics,
     /// The CA certificate (PEM) clients trust, served by the control API. Set once at start-up.
     ca_pem: std::sync::OnceLock<String>,
     /// Shared access policies; fixed after start-up, so no lock.
@@ -86,6 +88,7 @@ impl Hub {
                 connections: Connections::default(),
                 methods: Methods::default(),
                 telemetry: TelemetryLog::new(config.telemetry_capacity),
+                metrics: crate::metrics::Metrics::default(),
                 ca_pem: std::sync::OnceLock::new(),
                 policies: config.policies.clone(),
                 host_names: config.host_names(),
@@ -114,6 +117,20 @@ impl Hub {
 
     pub fn telemetry(&self) -> &TelemetryLog {
         &self.inner.telemetry
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    /// The Prometheus text of `/_emulator/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let telemetry = &self.inner.telemetry;
+        self.inner.metrics.render(
+            self.inner.connections.live_count(),
+            telemetry.last_sequence(),
+            telemetry.dropped(),
+        )
     }
 
     /// Records the CA certificate clients trust (once, at start-up).
@@ -171,6 +188,7 @@ impl Hub {
         call: MethodCall,
     ) -> HubResult<MethodReply> {
         self.inner.registry.exists(key)?;
+        crate::metrics::Metrics::count(&self.inner.metrics.methods_invoked);
         self.inner
             .methods
             .invoke(&self.inner.connections, key, call)

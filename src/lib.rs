@@ -32,6 +32,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod methods;
+pub mod metrics;
 pub mod mqtt;
 pub mod portal;
 pub mod query;
@@ -73,8 +74,23 @@ pub async fn run(
         hub.clone(),
         stopped(stop_rx.clone()),
     ));
-    let mqtt = tokio::spawn(mqtt::serve(listeners.mqtt, acceptor, hub, stopped(stop_rx)));
+    let mqtt = tokio::spawn(mqtt::serve(
+        listeners.mqtt,
+        acceptor,
+        hub.clone(),
+        stopped(stop_rx),
+    ));
     shutdown.await;
+    // Stop accepting, then close every device connection and give the connection tasks a
+    // moment to record the disconnects before the process exits.
     let _ = stop_tx.send(true);
     let _ = tokio::join!(https, mqtt);
+    hub.connections().close_all();
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while hub.connections().live_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
+
+/// How long shutdown waits for device connections to close.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);

@@ -2,7 +2,7 @@
 //! the CA certificate, the telemetry log, cloud-to-device injection, and reset. Tests and tools
 //! use it the way LocalStack users use `/_localstack/…`.
 //!
-//! `health`, `ready` and `ca.pem` need no credentials; everything else needs a SAS token of a
+//! `health`, `ready`, `metrics` and `ca.pem` need no credentials; everything else needs a SAS token of a
 //! policy with ServiceConnect (the owner or `service` policy).
 
 use super::body::{json_response, ok, JsonBody};
@@ -31,6 +31,7 @@ pub fn open_routes() -> Router<Hub> {
         .route("/_emulator/health", get(health))
         .route("/_emulator/ready", get(health))
         .route("/_emulator/ca.pem", get(ca_pem))
+        .route("/_emulator/metrics", get(metrics))
 }
 
 /// Routes behind the SAS check (`Access::Control`).
@@ -43,6 +44,16 @@ pub fn routes() -> Router<Hub> {
 
 async fn health() -> Response {
     ok(&json!({"status": "healthy"}))
+}
+
+/// `GET /_emulator/metrics`: Prometheus text exposition.
+async fn metrics(State(hub): State<Hub>) -> Response {
+    let mut response = hub.render_metrics().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 async fn ca_pem(State(hub): State<Hub>) -> Response {

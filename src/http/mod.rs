@@ -50,6 +50,10 @@ pub fn router(hub: Hub) -> Router {
         .merge(service)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            log_request,
+        ))
         .with_state(hub)
 }
 
@@ -65,6 +69,23 @@ async fn method_not_allowed() -> HttpError {
         crate::error::ErrorCode::MethodNotAllowed,
         "This resource does not support the HTTP method used",
     ))
+}
+
+/// One log line and one metrics sample per request.
+async fn log_request(
+    State(hub): State<Hub>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    hub.metrics().http_request(status, elapsed);
+    tracing::info!(%method, %path, status, micros = elapsed.as_micros() as u64, "https request");
+    response
 }
 
 /// `GET /$iothub/websocket` with `Sec-WebSocket-Protocol: mqtt`: MQTT over WebSockets.

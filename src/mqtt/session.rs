@@ -13,6 +13,7 @@ use super::MAX_PACKET_BYTES;
 use crate::connections::{Outbound, Registration};
 use crate::error::{ErrorCode, HubError};
 use crate::hub::Hub;
+use crate::metrics::{DeviceOp, Metrics};
 use crate::registry::{identity::validate_id, IdentityKey};
 use crate::telemetry::Incoming;
 use crate::timestamp::unix_now;
@@ -132,6 +133,7 @@ where
     let accepted = match connect(&hub, &mut framed, client_cert.as_ref()).await {
         Ok(accepted) => accepted,
         Err(e) => {
+            Metrics::count(&hub.metrics().mqtt_connections_refused);
             tracing::info!(%peer, reason = %e, "mqtt connection refused");
             return;
         }
@@ -141,6 +143,7 @@ where
     let id = registration.id;
     hub.registry()
         .set_connected(&key, true, accepted.model_id.as_deref());
+    Metrics::count(&hub.metrics().mqtt_connections_accepted);
     tracing::info!(%peer, identity = %key, "mqtt connected");
     let clean_session = accepted.clean_session;
     let result = Session::new(&hub, accepted, registration)
@@ -397,6 +400,7 @@ impl<'h> Session<'h> {
             // The device completed a cloud-to-device message.
             Packet::PubAck(ack) => {
                 if let Some(token) = self.in_flight.remove(&ack.pkid) {
+                    Metrics::count(&self.hub.metrics().c2d_completed);
                     self.hub.registry().complete_c2d(&self.key.device_id, token);
                 }
             }
@@ -446,6 +450,13 @@ impl<'h> Session<'h> {
         }
         let topic =
             Topic::parse(&publish.topic, &self.key).map_err(|e| Error::Protocol(e.to_string()))?;
+        let started = std::time::Instant::now();
+        let op = match &topic {
+            Topic::TwinGet { .. } => DeviceOp::TwinGet,
+            Topic::TwinPatchReported { .. } => DeviceOp::ReportedPatch,
+            Topic::Telemetry { .. } => DeviceOp::Telemetry,
+            Topic::MethodResponse { .. } => DeviceOp::MethodResponse,
+        };
         match topic {
             Topic::TwinGet { rid } => {
                 let (status, body, version) = match self.hub.registry().device_twin(&self.key) {
@@ -497,6 +508,7 @@ impl<'h> Session<'h> {
                 self.hub.registry().touch(&self.key);
             }
         }
+        self.hub.metrics().device_op(op, started.elapsed());
         if publish.qos == QoS::AtLeastOnce {
             framed
                 .write(Packet::PubAck(PubAck::new(publish.pkid)))
@@ -550,6 +562,7 @@ impl<'h> Session<'h> {
                 if self.features & Feature::DesiredPatches.bit() == 0 {
                     return Ok(());
                 }
+                Metrics::count(&self.hub.metrics().desired_pushes);
                 let version = patch.get("$version").and_then(Value::as_u64).unwrap_or(0);
                 let topic = topic::format_desired(version);
                 framed
@@ -576,6 +589,7 @@ impl Session<'_> {
         for message in self.hub.registry().pending_c2d(&device, &in_flight) {
             let pkid = self.next_packet_id();
             self.in_flight.insert(pkid, message.lock_token);
+            Metrics::count(&self.hub.metrics().c2d_delivered);
             let publish = Publish {
                 dup: false,
                 qos: QoS::AtLeastOnce,
