@@ -2,7 +2,8 @@
 # The one test command: Rust unit + integration tests, then the end-to-end suites that drive
 # the emulator with the official Azure IoT SDKs (Python and Node), unchanged, over real TLS.
 #
-# Needs: Rust (cargo), Python 3.11+ with pip/venv, Node 20+ with npm. Nothing else.
+# Needs: Rust (cargo), Python 3.11+ with pip/venv, Node 20+ with npm, and Debian's chromium for
+# the portal's browser test (installed with apt-get when /usr/bin/chromium is missing).
 # The e2e suites bind a random 127.0.0.X on ports 443 and 8883 (the SDKs' fixed ports), so
 # they need permission to bind privileged ports (root, or CAP_NET_BIND_SERVICE).
 #
@@ -86,5 +87,29 @@ node_status=$?
 set -e
 [[ $node_status -eq 0 ]] || status=1
 
-phase "summary: pytest exit $py_status, node exit $node_status"
+# --- Browser e2e: the web portal in Debian's chromium, driven by playwright-core -----------
+# Debian's chromium, never a Playwright browser download. Installed only when missing (as root).
+if [[ ! -x /usr/bin/chromium ]]; then
+  phase "browser: installing Debian's chromium (apt-get)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+BROWSER_DIR="$ROOT/e2e/browser"
+BROWSER_STAMP="$BROWSER_DIR/node_modules/.package-lock.sha256"
+BROWSER_WANT="$(sha256sum "$BROWSER_DIR/package-lock.json" | cut -d' ' -f1)"
+if [[ ! -d "$BROWSER_DIR/node_modules" ]] || [[ "$(cat "$BROWSER_STAMP" 2>/dev/null || true)" != "$BROWSER_WANT" ]]; then
+  phase "browser: npm ci (playwright-core)"
+  (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$BROWSER_WANT" > "$BROWSER_STAMP"
+else
+  phase "browser: node_modules up to date"
+fi
+phase "node --test e2e/browser (web portal in chromium; Python IoTHubModuleClient)"
+set +e
+(cd "$BROWSER_DIR" && node --test --test-concurrency=1 portal.test.mjs)
+browser_status=$?
+set -e
+[[ $browser_status -eq 0 ]] || status=1
+
+phase "summary: pytest exit $py_status, node exit $node_status, browser exit $browser_status"
 exit $status

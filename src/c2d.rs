@@ -21,7 +21,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_TTL: Duration = Duration::from_secs(48 * 3600);
 
 /// One queued message.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CloudMessage {
     /// Identifies this message in the queue (the completion handle).
     pub lock_token: u64,

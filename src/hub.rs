@@ -81,10 +81,16 @@ impl Access {
 }
 
 impl Hub {
+    /// A hub whose state lives in memory only.
     pub fn new(config: &Config) -> Self {
+        Self::with_registry(config, Registry::new(config.max_modules_per_device))
+    }
+
+    /// A hub over a given registry (one backed by a data dir, see [`Registry::with_store`]).
+    pub fn with_registry(config: &Config, registry: Registry) -> Self {
         Self {
             inner: Arc::new(Inner {
-                registry: Registry::new(config.max_modules_per_device),
+                registry,
                 connections: Connections::default(),
                 methods: Methods::default(),
                 telemetry: TelemetryLog::new(config.telemetry_capacity),
@@ -208,7 +214,11 @@ impl Hub {
     ///
     /// # Errors
     /// The file, line and reason of the first seed the registry refuses.
+    /// A data dir that already holds identities keeps them, and the seeds are not applied.
     pub fn seed(&self) -> Result<(), String> {
+        if self.inner.registry.device_stats().total > 0 {
+            return Ok(());
+        }
         self.inner.seeds.apply(&self.inner.registry)
     }
 

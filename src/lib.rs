@@ -38,6 +38,7 @@ pub mod portal;
 pub mod query;
 pub mod registry;
 pub mod seed;
+pub mod store;
 pub mod telemetry;
 pub mod timestamp;
 pub mod tls;

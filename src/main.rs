@@ -37,9 +37,13 @@ struct Cli {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// TOML config file: hostname, policies and keys, module limit.
+    /// TOML config file: hostname, policies and keys, seeded devices and modules.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Keep the registry, twins and queued messages in this directory across restarts
+    /// (default: in memory only).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -120,7 +124,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("TLS setup failed")?;
 
-    let hub = Hub::new(&config);
+    let hub = match &cli.data_dir {
+        None => Hub::new(&config),
+        Some(dir) => {
+            let store = iothub_emulator::store::Store::open(dir)?;
+            let registry = iothub_emulator::registry::Registry::with_store(
+                config.max_modules_per_device,
+                store,
+            )
+            .map_err(|e| anyhow::anyhow!("data dir {}: {e}", dir.display()))?;
+            Hub::with_registry(&config, registry)
+        }
+    };
     hub.seed()
         .map_err(|e| anyhow::anyhow!("config file: {e}"))?;
 

@@ -48,6 +48,18 @@ impl serde::Serialize for Timestamp {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == Self::NEVER.to_string() {
+            return Ok(Self::NEVER);
+        }
+        OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+            .map(|t| Self(Some(t)))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Current unix time in seconds, for token expiry checks.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -59,6 +71,14 @@ pub fn unix_now() -> u64 {
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    #[test]
+    fn round_trips_through_serde() {
+        for t in [Timestamp::NEVER, Timestamp::now()] {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);
+        }
+    }
 
     #[test]
     fn formats_like_iot_hub() {

@@ -16,6 +16,7 @@
 
 use crate::error::{HubError, HubResult};
 use crate::timestamp::Timestamp;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
@@ -33,7 +34,7 @@ pub const MAX_DEPTH: usize = 10;
 pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
 
 /// `$metadata` of one object or leaf.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Meta {
     last_updated: Timestamp,
     /// Desired side only: the section version that last wrote this node.
@@ -76,7 +77,7 @@ impl Meta {
 }
 
 /// One properties section (desired or reported) with its version and metadata.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Section {
     properties: Map<String, Value>,
     meta: Meta,
@@ -157,7 +158,7 @@ impl Section {
 }
 
 /// A device or module twin's document state (identity fields live in the registry).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Twin {
     tags: Map<String, Value>,
     pub desired: Section,

@@ -73,7 +73,8 @@ struct ListQuery {
     q: String,
 }
 
-/// The devices whose id contains `q` (case-insensitive), each with its module count.
+/// The devices whose id contains `q` (case-insensitive), each with its number of modules
+/// (`moduleCount`) and of connected modules (`connectedModuleCount`).
 pub fn device_summaries(hub: &Hub, q: &str) -> Vec<Value> {
     let needle = q.trim().to_lowercase();
     hub.registry()
@@ -87,8 +88,13 @@ pub fn device_summaries(hub: &Hub, q: &str) -> Vec<Value> {
         })
         .map(|mut d| {
             let id = d["deviceId"].as_str().unwrap_or("").to_owned();
-            let modules = hub.registry().list_modules(&id).map_or(0, |m| m.len());
-            d["moduleCount"] = json!(modules);
+            let modules = hub.registry().list_modules(&id).unwrap_or_default();
+            let connected = modules
+                .iter()
+                .filter(|m| m["connectionState"] == "Connected")
+                .count();
+            d["moduleCount"] = json!(modules.len());
+            d["connectedModuleCount"] = json!(connected);
             d
         })
         .collect()

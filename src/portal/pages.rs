@@ -96,7 +96,7 @@ pub async fn devices(
     let stats = hub.registry().device_stats();
     let main = format!(
         r#"<div class="title-row"><h1>Devices</h1>
-<p class="counts" data-poll-counts>{total} devices · {enabled} enabled · {disabled} disabled</p></div>
+<p class="counts" data-poll-counts>{total} · {enabled} enabled · {disabled} disabled</p></div>
 {flash}
 <div class="toolbar">
 <a class="button primary" href="/portal/add-device"><span aria-hidden="true">+</span> Add device</a>
@@ -115,7 +115,7 @@ pub async fn devices(
 {rows}</tbody>
 </table>
 </div>"#,
-        total = stats.total,
+        total = plural(stats.total, "device", "devices"),
         enabled = stats.enabled,
         disabled = stats.disabled,
         flash = flash(&q.created, "Device"),
@@ -188,19 +188,33 @@ fn device_rows_html(devices: &[Value], q: &str) -> String {
         };
         let _ = writeln!(
             out,
-            r#"<tr data-id="{eid}"><th scope="row" data-label="Device ID"><a href="{href}">{eid}</a></th><td data-label="Status">{status}</td><td data-label="Connection state">{conn}</td><td data-label="Authentication">{auth}</td><td data-label="Modules">{modules}</td><td data-label="C2D queued">{c2d}</td><td data-label="Last activity">{last}</td><td class="actions"><button type="button" data-action="set-status" data-api="{api}" data-status="{toggle_to}" aria-label="{toggle_label} {eid}">{toggle_label}</button>{regenerate}<button type="button" class="danger" data-action="delete" data-api="{api}" data-confirm="Delete device {eid} and its module identities?" aria-label="Delete {eid}">Delete</button></td></tr>"#,
+            r#"<tr data-id="{eid}"><th scope="row" data-label="Device ID"><a href="{href}">{eid}</a></th><td data-label="Status">{status}</td><td data-label="Connection state">{conn}</td><td data-label="Authentication">{auth}</td><td data-label="Modules">{modules}</td><td data-label="C2D queued">{c2d}</td><td data-label="Last activity">{last}</td><td class="cell-actions"><div class="row-actions"><button type="button" data-action="set-status" data-api="{api}" data-status="{toggle_to}" aria-label="{toggle_label} {eid}">{toggle_label}</button>{regenerate}<button type="button" class="danger" data-action="delete" data-api="{api}" data-confirm="Delete device {eid} and its module identities?" aria-label="Delete {eid}">Delete</button></div></td></tr>"#,
             eid = esc(id),
             href = esc(&device_url(id)),
             api = esc(&api),
             status = badge(status, None),
             conn = badge(d["connectionState"].as_str().unwrap_or(""), None),
             auth = auth_label(d["authentication"]["type"].as_str().unwrap_or("")),
-            modules = d["moduleCount"],
+            modules = module_count(d),
             c2d = d["cloudToDeviceMessageCount"],
             last = time_el(&d["lastActivityTime"], None),
         );
     }
     out
+}
+
+/// "2", or "2 (1 connected)".
+fn module_count(d: &Value) -> String {
+    let total = d["moduleCount"].as_u64().unwrap_or(0);
+    match d["connectedModuleCount"].as_u64().unwrap_or(0) {
+        0 => total.to_string(),
+        n => format!("{total} ({n} connected)"),
+    }
+}
+
+/// "1 device", "2 devices".
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// `GET /portal/add-device`.
@@ -645,6 +659,7 @@ pub async fn module(
         r#"<div data-poll="{eapi}">
 <div class="title-row"><h1><span class="kind">Module identity</span> {emid}</h1></div>
 {tabs}
+{flash}
 <div class="columns">
 <section class="card" aria-labelledby="identity-h">
 <h2 id="identity-h">Module identity details</h2>
@@ -670,6 +685,7 @@ pub async fn module(
         eid = esc(&id),
         dhref = esc(&device_url(&id)),
         tabs = tabs(&module_url(&id, &mid), false),
+        flash = flash("", ""),
         conn = badge(
             module["connectionState"].as_str().unwrap_or(""),
             Some("module.connectionState")
@@ -759,6 +775,7 @@ fn live_page(hub: &Hub, viewer: &Viewer, id: &str, mid: Option<&str>) -> Respons
     let main = format!(
         r#"<div class="title-row"><h1><span class="kind">{kind}</span> {ename}</h1></div>
 {tabs}
+{flash}
 <div class="columns live-columns">
 <section class="card" aria-labelledby="telemetry-h">
 <div class="title-row"><h2 id="telemetry-h">Telemetry</h2>
@@ -797,6 +814,7 @@ fn live_page(hub: &Hub, viewer: &Viewer, id: &str, mid: Option<&str>) -> Respons
         },
         ename = esc(&name),
         tabs = tabs(&base, true),
+        flash = flash("", ""),
         telemetry = esc(&telemetry),
         methods = esc(&methods),
     );

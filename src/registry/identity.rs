@@ -7,6 +7,7 @@
 use crate::auth::SymmetricKey;
 use crate::error::{ErrorCode, HubError, HubResult};
 use crate::timestamp::Timestamp;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// Longest device or module id.
@@ -29,7 +30,7 @@ pub fn validate_id(id: &str, what: &str) -> HubResult<()> {
 }
 
 /// Whether an identity may connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
     Enabled,
     Disabled,
@@ -56,7 +57,7 @@ impl Status {
 }
 
 /// How an identity proves itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Credentials {
     /// Shared access keys; either signs SAS tokens.
     Sas {
@@ -208,7 +209,7 @@ fn thumbprint_field(prints: Option<&Map<String, Value>>, name: &str) -> HubResul
 }
 
 /// Connection state and activity, kept up to date by the device-facing front ends.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Presence {
     pub connected: bool,
     pub state_updated: Timestamp,
@@ -236,7 +237,7 @@ impl Presence {
 }
 
 /// Fields a device and a module share.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Common {
     pub generation_id: String,
     pub etag: String,
@@ -246,7 +247,7 @@ pub struct Common {
 }
 
 /// A device identity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Device {
     pub device_id: String,
     pub common: Common,
@@ -399,7 +400,7 @@ impl Device {
 }
 
 /// A module identity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Module {
     pub device_id: String,
     pub module_id: String,

@@ -17,6 +17,7 @@ pub use identity::{Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
 
 use crate::c2d::{self, CloudMessage};
 use crate::error::{ErrorCode, HubError, HubResult};
+use crate::store::Store;
 use crate::timestamp::Timestamp;
 use crate::twin::Twin;
 use dashmap::DashMap;
@@ -95,17 +96,21 @@ impl IfMatch {
     }
 }
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct ModuleRecord {
     module: Module,
     twin: Twin,
 }
 
+/// Everything about one device; with `--data-dir`, also the unit the store saves.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct DeviceRecord {
     device: Device,
     twin: Twin,
     modules: BTreeMap<String, ModuleRecord>,
     /// Cloud-to-device messages waiting for the device, oldest first.
     c2d: VecDeque<CloudMessage>,
+    #[serde(skip)]
     deleted: bool,
 }
 
@@ -137,6 +142,9 @@ pub struct Registry {
     c2d_seq: AtomicU64,
     /// Most modules a device may have (IoT Hub: 50).
     max_modules: usize,
+    /// With `--data-dir`: every change to a device record is saved here, under the record's
+    /// lock, before it is acknowledged.
+    store: Option<Store>,
 }
 
 impl Registry {
@@ -146,7 +154,76 @@ impl Registry {
             etag_seq: AtomicU64::new(1),
             c2d_seq: AtomicU64::new(1),
             max_modules,
+            store: None,
         }
+    }
+
+    /// A registry backed by `store`, holding what it saved before. Everyone starts
+    /// disconnected; etags and lock tokens continue after the largest stored ones.
+    ///
+    /// # Errors
+    /// When a stored record cannot be read back.
+    pub fn with_store(max_modules: usize, store: Store) -> Result<Self, String> {
+        let mut registry = Self::new(max_modules);
+        let (mut max_etag, mut max_token) = (0u64, 0u64);
+        for (id, bytes) in store.load().map_err(|e| e.to_string())? {
+            let mut record: DeviceRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("the stored record of device '{id}' is unreadable: {e}"))?;
+            record.device.common.presence.connected = false;
+            let mut etags = vec![etag_number(&record.device.common.etag)];
+            for m in record.modules.values_mut() {
+                m.module.common.presence.connected = false;
+                etags.push(etag_number(&m.module.common.etag));
+            }
+            max_etag = max_etag.max(etags.into_iter().max().unwrap_or(0));
+            max_token = max_token.max(record.c2d.iter().map(|m| m.lock_token).max().unwrap_or(0));
+            registry.devices.insert(id, Arc::new(Mutex::new(record)));
+        }
+        registry.etag_seq = AtomicU64::new(max_etag + 1);
+        registry.c2d_seq = AtomicU64::new(max_token + 1);
+        registry.store = Some(store);
+        Ok(registry)
+    }
+
+    /// Saves a record; no-op without a store.
+    fn persist(&self, device_id: &str, record: &DeviceRecord) -> HubResult<()> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec(record).map_err(|e| {
+            HubError::new(
+                ErrorCode::ServerError,
+                format!("cannot encode the record: {e}"),
+            )
+        })?;
+        store.save(device_id, &bytes).map_err(|e| {
+            tracing::error!(error = %e, device = device_id, "saving to the data dir failed");
+            HubError::new(ErrorCode::ServerError, "The change could not be saved")
+        })
+    }
+
+    /// Like [`with_device`](Self::with_device), for changes: the record is saved after `f`
+    /// succeeds, and if saving fails the change is undone, so memory never gets ahead of the
+    /// store. `then` runs under the lock after the save (desired-property pushes go out in
+    /// version order, and only for changes that were kept).
+    fn change_device<T>(
+        &self,
+        device_id: &str,
+        f: impl FnOnce(&mut DeviceRecord) -> HubResult<T>,
+        then: impl FnOnce(&T),
+    ) -> HubResult<T> {
+        self.with_device(device_id, |rec| {
+            let before = self.store.as_ref().map(|_| rec.clone());
+            let out = f(rec)?;
+            if let Err(e) = self.persist(device_id, rec) {
+                if let Some(before) = before {
+                    *rec = before;
+                }
+                return Err(e);
+            }
+            then(&out);
+            Ok(out)
+        })
     }
 
     fn next_etag(&self) -> String {
@@ -194,23 +271,29 @@ impl Registry {
                 dashmap::Entry::Vacant(slot) => {
                     let device = Device::new(device_id.to_owned(), spec, self.next_etag());
                     let json = device.to_json();
-                    slot.insert(Arc::new(Mutex::new(DeviceRecord {
+                    let record = DeviceRecord {
                         device,
                         twin: Twin::new(),
                         modules: BTreeMap::new(),
                         c2d: VecDeque::new(),
                         deleted: false,
-                    })));
+                    };
+                    self.persist(device_id, &record)?;
+                    slot.insert(Arc::new(Mutex::new(record)));
                     Ok(json)
                 }
             };
         }
-        self.with_device(device_id, |rec| {
-            if_match.check(&rec.device.common.etag)?;
-            let spec = DeviceSpec::from_json(device_id, body, Some(&rec.device))?;
-            rec.device.update(spec, self.next_etag());
-            Ok(rec.device.to_json())
-        })
+        self.change_device(
+            device_id,
+            |rec| {
+                if_match.check(&rec.device.common.etag)?;
+                let spec = DeviceSpec::from_json(device_id, body, Some(&rec.device))?;
+                rec.device.update(spec, self.next_etag());
+                Ok(rec.device.to_json())
+            },
+            |_| {},
+        )
     }
 
     pub fn get_device(&self, device_id: &str) -> HubResult<Value> {
@@ -239,6 +322,12 @@ impl Registry {
     pub fn delete_device(&self, device_id: &str, if_match: &IfMatch) -> HubResult<()> {
         self.with_device(device_id, |rec| {
             if_match.check(&rec.device.common.etag)?;
+            if let Some(store) = &self.store {
+                store.remove(device_id).map_err(|e| {
+                    tracing::error!(error = %e, device = device_id, "deleting from the data dir failed");
+                    HubError::new(ErrorCode::ServerError, "The deletion could not be saved")
+                })?;
+            }
             rec.deleted = true;
             Ok(())
         })?;
@@ -274,51 +363,55 @@ impl Registry {
         if_match: &IfMatch,
     ) -> HubResult<Value> {
         identity::validate_id(module_id, "Module id")?;
-        self.with_device(device_id, |rec| match rec.modules.get_mut(module_id) {
-            Some(_) if *if_match == IfMatch::Absent => Err(HubError::new(
-                ErrorCode::ModuleAlreadyExistsOnDevice,
-                format!(
+        self.change_device(
+            device_id,
+            |rec| match rec.modules.get_mut(module_id) {
+                Some(_) if *if_match == IfMatch::Absent => Err(HubError::new(
+                    ErrorCode::ModuleAlreadyExistsOnDevice,
+                    format!(
                     "A module with ID '{module_id}' is already registered on device '{device_id}'"
                 ),
-            )),
-            Some(existing) => {
-                if_match.check(&existing.module.common.etag)?;
-                let spec =
-                    ModuleSpec::from_json(device_id, module_id, body, Some(&existing.module))?;
-                existing.module.update(spec, self.next_etag());
-                Ok(existing.module.to_json())
-            }
-            None if *if_match != IfMatch::Absent => {
-                Err(HubError::module_not_found(device_id, module_id))
-            }
-            None => {
-                let spec = ModuleSpec::from_json(device_id, module_id, body, None)?;
-                if rec.modules.len() >= self.max_modules {
-                    return Err(HubError::new(
-                        ErrorCode::TooManyModulesOnDevice,
-                        format!(
-                            "Device '{device_id}' already has the maximum of {} modules",
-                            self.max_modules
-                        ),
-                    ));
+                )),
+                Some(existing) => {
+                    if_match.check(&existing.module.common.etag)?;
+                    let spec =
+                        ModuleSpec::from_json(device_id, module_id, body, Some(&existing.module))?;
+                    existing.module.update(spec, self.next_etag());
+                    Ok(existing.module.to_json())
                 }
-                let module = Module::new(
-                    device_id.to_owned(),
-                    module_id.to_owned(),
-                    spec,
-                    self.next_etag(),
-                );
-                let json = module.to_json();
-                rec.modules.insert(
-                    module_id.to_owned(),
-                    ModuleRecord {
-                        module,
-                        twin: Twin::new(),
-                    },
-                );
-                Ok(json)
-            }
-        })
+                None if *if_match != IfMatch::Absent => {
+                    Err(HubError::module_not_found(device_id, module_id))
+                }
+                None => {
+                    let spec = ModuleSpec::from_json(device_id, module_id, body, None)?;
+                    if rec.modules.len() >= self.max_modules {
+                        return Err(HubError::new(
+                            ErrorCode::TooManyModulesOnDevice,
+                            format!(
+                                "Device '{device_id}' already has the maximum of {} modules",
+                                self.max_modules
+                            ),
+                        ));
+                    }
+                    let module = Module::new(
+                        device_id.to_owned(),
+                        module_id.to_owned(),
+                        spec,
+                        self.next_etag(),
+                    );
+                    let json = module.to_json();
+                    rec.modules.insert(
+                        module_id.to_owned(),
+                        ModuleRecord {
+                            module,
+                            twin: Twin::new(),
+                        },
+                    );
+                    Ok(json)
+                }
+            },
+            |_| {},
+        )
     }
 
     pub fn get_module(&self, device_id: &str, module_id: &str) -> HubResult<Value> {
@@ -339,12 +432,16 @@ impl Registry {
         module_id: &str,
         if_match: &IfMatch,
     ) -> HubResult<()> {
-        self.with_device(device_id, |rec| {
-            let m = module_of(rec, device_id, module_id)?;
-            if_match.check(&m.module.common.etag)?;
-            rec.modules.remove(module_id);
-            Ok(())
-        })
+        self.change_device(
+            device_id,
+            |rec| {
+                let m = module_of(rec, device_id, module_id)?;
+                if_match.check(&m.module.common.etag)?;
+                rec.modules.remove(module_id);
+                Ok(())
+            },
+            |()| {},
+        )
     }
 
     // ----- twins -----
@@ -363,14 +460,21 @@ impl Registry {
         if_match: &IfMatch,
         notify: impl FnOnce(Value),
     ) -> HubResult<Value> {
-        self.with_device(&key.device_id, |rec| {
-            let twin = twin_of(rec, key)?;
-            if_match.check(&twin.etag())?;
-            if let Some(note) = twin.patch_from_service(body)? {
-                notify(note);
-            }
-            twin_json(rec, key)
-        })
+        let (json, _) = self.change_device(
+            &key.device_id,
+            |rec| {
+                let twin = twin_of(rec, key)?;
+                if_match.check(&twin.etag())?;
+                let note = twin.patch_from_service(body)?;
+                Ok((twin_json(rec, key)?, note))
+            },
+            |(_, note)| {
+                if let Some(note) = note {
+                    notify(note.clone());
+                }
+            },
+        )?;
+        Ok(json)
     }
 
     /// `PUT /twins/…`: replaces tags and desired; devices get the whole new desired document.
@@ -381,12 +485,17 @@ impl Registry {
         if_match: &IfMatch,
         notify: impl FnOnce(Value),
     ) -> HubResult<Value> {
-        self.with_device(&key.device_id, |rec| {
-            let twin = twin_of(rec, key)?;
-            if_match.check(&twin.etag())?;
-            notify(twin.replace_from_service(body)?);
-            twin_json(rec, key)
-        })
+        let (json, _) = self.change_device(
+            &key.device_id,
+            |rec| {
+                let twin = twin_of(rec, key)?;
+                if_match.check(&twin.etag())?;
+                let note = twin.replace_from_service(body)?;
+                Ok((twin_json(rec, key)?, note))
+            },
+            |(_, note)| notify(note.clone()),
+        )?;
+        Ok(json)
     }
 
     /// The twin a device or module reads over its own connection.
@@ -399,13 +508,17 @@ impl Registry {
 
     /// A device's reported-properties patch; returns the new reported `$version`.
     pub fn patch_reported(&self, key: &IdentityKey, patch: &Map<String, Value>) -> HubResult<u64> {
-        self.with_device(&key.device_id, |rec| {
-            let version = twin_of(rec, key)?.patch_reported(patch)?;
-            if let Ok(common) = common_of(rec, key) {
-                common.presence.last_activity = Timestamp::now();
-            }
-            Ok(version)
-        })
+        self.change_device(
+            &key.device_id,
+            |rec| {
+                let version = twin_of(rec, key)?.patch_reported(patch)?;
+                if let Ok(common) = common_of(rec, key) {
+                    common.presence.last_activity = Timestamp::now();
+                }
+                Ok(version)
+            },
+            |_| {},
+        )
     }
 
     /// Twin rows (the `GET /twins` JSON) in identity order, starting after `after`, fed to
@@ -458,7 +571,7 @@ impl Registry {
     /// # Errors
     /// 404001 for an unknown device; 403004 when 50 messages already wait.
     pub fn enqueue_c2d(&self, device_id: &str, mut message: CloudMessage) -> HubResult<()> {
-        self.with_device(device_id, |rec| {
+        self.change_device(device_id, |rec| {
             rec.purge_expired_c2d();
             if rec.c2d.len() >= c2d::MAX_QUEUE {
                 return Err(HubError::new(
@@ -473,7 +586,7 @@ impl Registry {
             rec.c2d.push_back(message);
             rec.device.common.c2d_count = rec.c2d.len() as u32;
             Ok(())
-        })
+        }, |()| {})
     }
 
     /// Unexpired messages waiting for a device, except those in `in_flight`, oldest first.
@@ -492,11 +605,15 @@ impl Registry {
 
     /// The device completed (acknowledged) a message: it leaves the queue.
     pub fn complete_c2d(&self, device_id: &str, lock_token: u64) {
-        let _ = self.with_device(device_id, |rec| {
-            rec.c2d.retain(|m| m.lock_token != lock_token);
-            rec.device.common.c2d_count = rec.c2d.len() as u32;
-            Ok(())
-        });
+        let _ = self.change_device(
+            device_id,
+            |rec| {
+                rec.c2d.retain(|m| m.lock_token != lock_token);
+                rec.device.common.c2d_count = rec.c2d.len() as u32;
+                Ok(())
+            },
+            |()| {},
+        );
     }
 
     /// Forgets every identity (hub reset).
@@ -506,6 +623,11 @@ impl Registry {
             lock(&r).deleted = true;
         }
         self.devices.clear();
+        if let Some(store) = &self.store {
+            if let Err(e) = store.clear() {
+                tracing::error!(error = %e, "clearing the data dir failed");
+            }
+        }
     }
 
     /// Whether an identity exists.
@@ -547,6 +669,17 @@ impl Registry {
             Ok(())
         });
     }
+}
+
+/// The number inside an identity etag (base64 of a decimal string), or 0.
+fn etag_number(etag: &str) -> u64 {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(etag)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn lock(record: &Mutex<DeviceRecord>) -> MutexGuard<'_, DeviceRecord> {

@@ -249,6 +249,20 @@ impl Http {
         body: Option<String>,
         headers: &[(&str, &str)],
     ) -> Reply {
+        self.try_send_raw(method, path, body, headers)
+            .await
+            .unwrap()
+    }
+
+    /// Like [`send_raw`](Self::send_raw), but a transport failure (the server went away) is an
+    /// error instead of a panic.
+    pub async fn try_send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, reqwest::Error> {
         let separator = if path.contains('?') { '&' } else { '?' };
         let url = format!("{}{path}{separator}api-version=2021-04-12", self.base);
         let mut request = self
@@ -263,20 +277,20 @@ impl Http {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = request.send().await.unwrap();
+        let response = request.send().await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let text = response.text().await.unwrap();
+        let text = response.text().await?;
         let body = if text.is_empty() {
             Value::Null
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        Reply {
+        Ok(Reply {
             status,
             headers,
             body,
-        }
+        })
     }
 }
 

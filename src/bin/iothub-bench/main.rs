@@ -63,6 +63,10 @@ struct RunArgs {
     /// Client counts for twin-get, twin-patch and telemetry [default: 1,100,1000].
     #[arg(long, value_delimiter = ',')]
     clients: Vec<usize>,
+    /// Requests per second per client of an extra paced twin-get / twin-patch phase at the
+    /// largest client count, for latency under steady load (0 turns it off) [default: 10].
+    #[arg(long)]
+    paced_rate: Option<f64>,
     /// Seconds per closed-loop phase [default: 5].
     #[arg(long)]
     duration: Option<f64>,
@@ -167,6 +171,7 @@ fn sizes(a: &RunArgs) -> Sizes {
     };
     Sizes {
         clients,
+        paced_rate: a.paced_rate.unwrap_or(if smoke { 5.0 } else { 10.0 }),
         duration: secs(a.duration, 1.0, 5.0),
         payload_bytes: pick(a.payload_bytes, 64, 64),
         connect_clients: pick(a.connect_clients, 10, 2000),

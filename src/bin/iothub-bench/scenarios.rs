@@ -37,6 +37,8 @@ pub const ALL: [&str; 11] = [
 #[derive(Debug, Clone)]
 pub struct Sizes {
     pub clients: Vec<usize>,
+    /// Requests per second per client of the paced twin phases (0: none).
+    pub paced_rate: f64,
     pub duration: Duration,
     pub payload_bytes: usize,
     pub connect_clients: usize,
@@ -500,89 +502,125 @@ async fn one_op(mqtt: &mut Mqtt, op: MqttOp, seq: u64, topic: &str, body: &[u8])
 pub async fn round_trips(ctx: &Ctx, op: MqttOp, report: &mut Report) -> Result<()> {
     for &clients in &ctx.sizes.clients {
         for target in ctx.targets() {
-            let clients = fd_budget(target.pid, clients);
-            let (conns, connected) =
-                connect_all(ctx, target, clients, ctx.sizes.connect_concurrency).await?;
-            let body = Arc::new(payload(ctx.sizes.payload_bytes));
-            let ready = Arc::new(Barrier::new(clients + 1));
-            let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
-            let mut set = JoinSet::new();
-            for (i, conn) in conns.into_iter().enumerate() {
-                let ready = Arc::clone(&ready);
-                let mut start_rx = start_rx.clone();
-                let body = Arc::clone(&body);
-                let topic = ctx.fleet[i].events_topic();
-                set.spawn(async move {
-                    let mut out = Outcome::default();
-                    let mut conn = conn;
-                    if let Some(mqtt) = conn.as_mut() {
-                        if op != MqttOp::Telemetry {
-                            // As the SDKs do before their first twin request.
-                            if let Err(e) = mqtt.subscribe("$iothub/twin/res/#", 1).await {
-                                out.error(e);
-                                conn = None;
-                            }
-                        }
-                    }
-                    ready.wait().await;
-                    let deadline = match start_rx.wait_for(Option::is_some).await {
-                        Ok(d) => d.unwrap_or_else(Instant::now),
-                        Err(_) => return (out, conn),
-                    };
-                    let Some(mqtt) = conn.as_mut() else {
-                        return (out, conn);
-                    };
-                    let mut seq = 0u64;
-                    while Instant::now() < deadline {
-                        seq += 1;
-                        let t = Instant::now();
-                        match tokio::time::timeout(OP_TIMEOUT, one_op(mqtt, op, seq, &topic, &body))
-                            .await
-                        {
-                            Ok(Ok(())) => out.record(t.elapsed()),
-                            Ok(Err(e)) => {
-                                out.error(e);
-                                return (out, None);
-                            }
-                            Err(_) => {
-                                out.error(format!("{} timed out", op.name()));
-                                return (out, None);
-                            }
-                        }
-                    }
-                    (out, conn)
-                });
-            }
-            ready.wait().await;
-            let meter = ctx.meter(target)?;
-            let _ = start_tx.send(Some(Instant::now() + ctx.sizes.duration));
-            let mut outcome = Outcome::default();
-            let mut back = Vec::new();
-            while let Some(joined) = set.join_next().await {
-                let (out, conn) = joined?;
-                outcome.merge(out);
-                back.extend(conn);
-            }
-            let measured = meter.finish()?;
-            // Failed connections count as errors of the phase.
-            outcome.errors += connected.errors;
-            outcome.error_samples.extend(connected.error_samples);
-            let mut row = Row::new(
-                op.name(),
-                op.name(),
-                target.name,
-                clients,
-                outcome,
-                &measured,
-            );
-            if op != MqttOp::TwinGet {
-                row = row.extra("payload_bytes", body.len() as u64);
-            }
+            let row = round_trip_phase(ctx, target, op, clients, None).await?;
             report.push(row);
-            disconnect_all(ctx, back).await;
+        }
+    }
+    // Latency under a steady load well below capacity: every client sends `paced_rate` requests
+    // per second (closed-loop latencies at 1,000 clients are 1,000 ÷ throughput by Little's law).
+    let max = ctx.sizes.clients.iter().copied().max().unwrap_or(0);
+    if ctx.sizes.paced_rate > 0.0 && max > 0 && op != MqttOp::Telemetry {
+        let interval = Duration::from_secs_f64(1.0 / ctx.sizes.paced_rate);
+        for target in ctx.targets() {
+            let row = round_trip_phase(ctx, target, op, max, Some(interval)).await?;
+            report.push(row);
         }
     }
     Ok(())
+}
+
+/// One phase of `clients` connections doing `op` back to back (or once per `pace`).
+async fn round_trip_phase(
+    ctx: &Ctx,
+    target: &Target,
+    op: MqttOp,
+    clients: usize,
+    pace: Option<Duration>,
+) -> Result<Row> {
+    let clients = fd_budget(target.pid, clients);
+    let (conns, connected) =
+        connect_all(ctx, target, clients, ctx.sizes.connect_concurrency).await?;
+    let body = Arc::new(payload(ctx.sizes.payload_bytes));
+    let ready = Arc::new(Barrier::new(clients + 1));
+    let (start_tx, start_rx) = watch::channel::<Option<(Instant, Instant)>>(None);
+    let mut set = JoinSet::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let ready = Arc::clone(&ready);
+        let mut start_rx = start_rx.clone();
+        let body = Arc::clone(&body);
+        let topic = ctx.fleet[i].events_topic();
+        set.spawn(async move {
+            let mut out = Outcome::default();
+            let mut conn = conn;
+            if let Some(mqtt) = conn.as_mut() {
+                if op != MqttOp::Telemetry {
+                    // As the SDKs do before their first twin request.
+                    if let Err(e) = mqtt.subscribe("$iothub/twin/res/#", 1).await {
+                        out.error(e);
+                        conn = None;
+                    }
+                }
+            }
+            ready.wait().await;
+            let (start, deadline) = match start_rx.wait_for(Option::is_some).await {
+                Ok(d) => d.unwrap_or_else(|| (Instant::now(), Instant::now())),
+                Err(_) => return (out, conn),
+            };
+            let Some(mqtt) = conn.as_mut() else {
+                return (out, conn);
+            };
+            // Paced clients start staggered over one interval.
+            let mut next = pace.map(|p| start + p.mul_f64(i as f64 / clients as f64));
+            let mut seq = 0u64;
+            loop {
+                if let Some(at) = next {
+                    if at >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                seq += 1;
+                let t = Instant::now();
+                match tokio::time::timeout(OP_TIMEOUT, one_op(mqtt, op, seq, &topic, &body)).await {
+                    Ok(Ok(())) => out.record(t.elapsed()),
+                    Ok(Err(e)) => {
+                        out.error(e);
+                        return (out, None);
+                    }
+                    Err(_) => {
+                        out.error(format!("{} timed out", op.name()));
+                        return (out, None);
+                    }
+                }
+                if let (Some(at), Some(p)) = (next, pace) {
+                    // Missed slots are skipped, not caught up.
+                    next = Some((at + p).max(Instant::now()));
+                }
+            }
+            (out, conn)
+        });
+    }
+    ready.wait().await;
+    let meter = ctx.meter(target)?;
+    let now = Instant::now();
+    let _ = start_tx.send(Some((now, now + ctx.sizes.duration)));
+    let mut outcome = Outcome::default();
+    let mut back = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        let (out, conn) = joined?;
+        outcome.merge(out);
+        back.extend(conn);
+    }
+    let measured = meter.finish()?;
+    // Failed connections count as errors of the phase.
+    outcome.errors += connected.errors;
+    outcome.error_samples.extend(connected.error_samples);
+    let name = match pace {
+        Some(_) => format!("{}-paced", op.name()),
+        None => op.name().to_owned(),
+    };
+    let mut row = Row::new(op.name(), &name, target.name, clients, outcome, &measured);
+    if op != MqttOp::TwinGet {
+        row = row.extra("payload_bytes", body.len() as u64);
+    }
+    if pace.is_some() {
+        row = row.extra("rate_per_client_hz", ctx.sizes.paced_rate);
+    }
+    disconnect_all(ctx, back).await;
+    Ok(row)
 }
 
 // ----- desired-property fan-out -----

@@ -158,7 +158,7 @@
   function updateCounts(counts) {
     const el = $('[data-poll-counts]');
     const [total, enabled, disabled] = counts.split(',');
-    if (el) el.textContent = `${total} devices · ${enabled} enabled · ${disabled} disabled`;
+    if (el) el.textContent = `${total} device${total === '1' ? '' : 's'} · ${enabled} enabled · ${disabled} disabled`;
   }
 
   const refreshFragments = () => fragmentKicks.forEach((k) => k());
