@@ -8,7 +8,7 @@
 
 use crate::error::{ErrorCode, HubError, HubResult};
 use bytes::Bytes;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::utf8_percent_encode;
 use serde_json::{Map, Value};
 use std::time::{Duration, SystemTime};
 
@@ -167,20 +167,8 @@ impl CloudMessage {
     }
 }
 
-/// What JavaScript's `encodeURIComponent` leaves alone; `$` becomes `%24`, as IoT Hub writes it.
-const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'!')
-    .remove(b'~')
-    .remove(b'*')
-    .remove(b'\'')
-    .remove(b'(')
-    .remove(b')');
-
 fn encode(s: &str) -> String {
-    utf8_percent_encode(s, COMPONENT).to_string()
+    utf8_percent_encode(s, crate::auth::sas::URI_COMPONENT).to_string()
 }
 
 #[cfg(test)]

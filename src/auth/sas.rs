@@ -184,23 +184,25 @@ fn decode(s: &str) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
+/// The characters JavaScript's `encodeURIComponent` leaves alone: what the SDKs and IoT Hub
+/// use for SAS fields and MQTT property bags (`$` becomes `%24`).
+pub const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'!')
+    .remove(b'~')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
 /// Builds a token the way the SDKs do (used by tests and by the start-up banner's examples).
 pub fn make_token(resource: &str, key: &SymmetricKey, policy: Option<&str>, expiry: u64) -> String {
-    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-    // What JavaScript's encodeURIComponent leaves alone.
-    const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'!')
-        .remove(b'~')
-        .remove(b'*')
-        .remove(b'\'')
-        .remove(b'(')
-        .remove(b')');
-    let sr = utf8_percent_encode(resource, COMPONENT).to_string();
+    use percent_encoding::utf8_percent_encode;
+    let sr = utf8_percent_encode(resource, URI_COMPONENT).to_string();
     let sig = key.sign(&format!("{sr}\n{expiry}"));
-    let sig = utf8_percent_encode(&sig, COMPONENT);
+    let sig = utf8_percent_encode(&sig, URI_COMPONENT);
     let mut token = format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}");
     if let Some(p) = policy {
         token.push_str("&skn=");

@@ -24,13 +24,8 @@ use axum::Router;
 use error::HttpError;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-
-/// How long a client may take to finish the TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The service API and the WebSocket endpoint, as one router.
 pub fn router(hub: Hub) -> Router {
@@ -105,37 +100,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let app = router(hub);
-    let acceptor = Arc::new(acceptor);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "https accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let acceptor = Arc::clone(&acceptor);
-        let app = app.clone();
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "https TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "https TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = TowerToHyperService::new(app);
+    crate::tls::accept_loop(listener, acceptor, "https", shutdown, move |tls, peer| {
+        let service = TowerToHyperService::new(app.clone());
+        async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
@@ -143,8 +110,9 @@ pub async fn serve(
             {
                 tracing::debug!(%peer, error = %e, "https connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// A status code and nothing else, for handlers with empty success bodies (DELETE → 204).

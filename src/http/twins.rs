@@ -1,61 +1,43 @@
-//! Twin routes: `GET`, `PATCH` and `PUT` on `/twins/{id}` and `/twins/{id}/modules/{mid}`.
+//! Twin routes: `GET`, `PATCH` and `PUT` on `/twins/{id}` and `/twins/{id}/modules/{mid}`, and
+//! direct methods on `POST …/methods`. Device and module routes share their handlers: the
+//! path names the identity.
 
 use super::body::{ok, JsonBody};
 use super::error::HttpResult;
 use super::registry::if_match;
 use crate::hub::Hub;
+use crate::methods::MethodCall;
 use crate::registry::{IdentityKey, IfMatch};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
+use serde::Deserialize;
 
 pub fn routes() -> Router<Hub> {
+    let twin = || get(get_twin).patch(patch_twin).put(replace_twin);
     Router::new()
-        .route(
-            "/twins/{id}",
-            get(get_device_twin)
-                .patch(patch_device_twin)
-                .put(put_device_twin),
-        )
-        .route(
-            "/twins/{id}/modules/{mid}",
-            get(get_module_twin)
-                .patch(patch_module_twin)
-                .put(put_module_twin),
-        )
-        .route("/twins/{id}/methods", post(invoke_device_method))
-        .route(
-            "/twins/{id}/modules/{mid}/methods",
-            post(invoke_module_method),
-        )
+        .route("/twins/{id}", twin())
+        .route("/twins/{id}/modules/{mid}", twin())
+        .route("/twins/{id}/methods", post(invoke_method))
+        .route("/twins/{id}/modules/{mid}/methods", post(invoke_method))
 }
 
-/// `POST /twins/{id}/methods`: a direct method on a device.
-async fn invoke_device_method(
-    State(hub): State<Hub>,
-    Path(id): Path<String>,
-    body: JsonBody,
-) -> HttpResult<Response> {
-    invoke(&hub, IdentityKey::device(id), body).await
+/// The identity a twin route names: `{id}`, or `{id}` and `{mid}`.
+#[derive(Deserialize)]
+struct Target {
+    id: String,
+    mid: Option<String>,
 }
 
-/// `POST /twins/{id}/modules/{mid}/methods`: a direct method on a module.
-async fn invoke_module_method(
-    State(hub): State<Hub>,
-    Path((id, mid)): Path<(String, String)>,
-    body: JsonBody,
-) -> HttpResult<Response> {
-    invoke(&hub, IdentityKey::module(id, mid), body).await
-}
-
-async fn invoke(hub: &Hub, key: IdentityKey, body: JsonBody) -> HttpResult<Response> {
-    let call = crate::methods::MethodCall::from_json(&body.object()?)?;
-    let reply = hub.invoke_method(&key, call).await?;
-    Ok(ok(
-        &serde_json::json!({"status": reply.status, "payload": reply.payload}),
-    ))
+impl From<Target> for IdentityKey {
+    fn from(t: Target) -> Self {
+        Self {
+            device_id: t.id,
+            module_id: t.mid,
+        }
+    }
 }
 
 /// Twin writes without If-Match apply to any version, as IoT Hub's do.
@@ -66,75 +48,42 @@ fn twin_precondition(headers: &HeaderMap) -> IfMatch {
     }
 }
 
-async fn get_device_twin(State(hub): State<Hub>, Path(id): Path<String>) -> HttpResult<Response> {
-    Ok(ok(&hub.registry().get_twin(&IdentityKey::device(id))?))
+async fn get_twin(State(hub): State<Hub>, Path(target): Path<Target>) -> HttpResult<Response> {
+    Ok(ok(&hub.registry().get_twin(&target.into())?))
 }
 
-async fn get_module_twin(
+async fn patch_twin(
     State(hub): State<Hub>,
-    Path((id, mid)): Path<(String, String)>,
-) -> HttpResult<Response> {
-    Ok(ok(&hub
-        .registry()
-        .get_twin(&IdentityKey::module(id, mid))?))
-}
-
-async fn patch_device_twin(
-    State(hub): State<Hub>,
-    Path(id): Path<String>,
+    Path(target): Path<Target>,
     headers: HeaderMap,
     body: JsonBody,
 ) -> HttpResult<Response> {
     let body = body.object()?;
-    let key = IdentityKey::device(id);
-    Ok(ok(&hub.patch_twin(
-        &key,
-        &body,
-        &twin_precondition(&headers),
-    )?))
+    let twin = hub.patch_twin(&target.into(), &body, &twin_precondition(&headers))?;
+    Ok(ok(&twin))
 }
 
-async fn patch_module_twin(
+async fn replace_twin(
     State(hub): State<Hub>,
-    Path((id, mid)): Path<(String, String)>,
+    Path(target): Path<Target>,
     headers: HeaderMap,
     body: JsonBody,
 ) -> HttpResult<Response> {
     let body = body.object()?;
-    let key = IdentityKey::module(id, mid);
-    Ok(ok(&hub.patch_twin(
-        &key,
-        &body,
-        &twin_precondition(&headers),
-    )?))
+    let twin = hub.replace_twin(&target.into(), &body, &twin_precondition(&headers))?;
+    Ok(ok(&twin))
 }
 
-async fn put_device_twin(
+/// `POST /twins/{id}[/modules/{mid}]/methods`: a direct method, answered with the device's
+/// `{"status", "payload"}`.
+async fn invoke_method(
     State(hub): State<Hub>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    Path(target): Path<Target>,
     body: JsonBody,
 ) -> HttpResult<Response> {
-    let body = body.object()?;
-    let key = IdentityKey::device(id);
-    Ok(ok(&hub.replace_twin(
-        &key,
-        &body,
-        &twin_precondition(&headers),
-    )?))
-}
-
-async fn put_module_twin(
-    State(hub): State<Hub>,
-    Path((id, mid)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: JsonBody,
-) -> HttpResult<Response> {
-    let body = body.object()?;
-    let key = IdentityKey::module(id, mid);
-    Ok(ok(&hub.replace_twin(
-        &key,
-        &body,
-        &twin_precondition(&headers),
-    )?))
+    let call = MethodCall::from_json(&body.object()?)?;
+    let reply = hub.invoke_method(&target.into(), call).await?;
+    Ok(ok(
+        &serde_json::json!({"status": reply.status, "payload": reply.payload}),
+    ))
 }

@@ -11,8 +11,6 @@ pub mod topic;
 use crate::hub::Hub;
 use crate::tls::ClientCertInfo;
 use axum::extract::ws::{Message, WebSocket};
-use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -21,56 +19,23 @@ use tokio_rustls::TlsAcceptor;
 /// the topic and property bag.
 pub const MAX_PACKET_BYTES: usize = 256 * 1024 + 8 * 1024;
 
-/// How long a client may take to finish the TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts MQTT/TLS connections on `listener` until `shutdown` resolves. The handshake runs in
-/// each connection's own task, so a slow client never holds up the accept loop.
+/// Accepts MQTT/TLS connections on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let acceptor = Arc::new(acceptor);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "mqtt accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let acceptor = Arc::clone(&acceptor);
-        let hub = hub.clone();
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "mqtt TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "mqtt TLS handshake timed out");
-                    return;
-                }
-            };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|der| ClientCertInfo::from_der(der));
-            session::run(hub, tls, cert, peer.to_string()).await;
-        });
-    }
+    crate::tls::accept_loop(listener, acceptor, "mqtt", shutdown, move |tls, peer| {
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|der| ClientCertInfo::from_der(der));
+        session::run(hub.clone(), tls, cert, peer.to_string())
+    })
+    .await;
 }
 
 /// Serves MQTT over an upgraded WebSocket: binary frames carry the MQTT byte stream. A pipe
