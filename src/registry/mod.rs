@@ -460,21 +460,7 @@ impl Registry {
         if_match: &IfMatch,
         notify: impl FnOnce(Value),
     ) -> HubResult<Value> {
-        let (json, _) = self.change_device(
-            &key.device_id,
-            |rec| {
-                let twin = twin_of(rec, key)?;
-                if_match.check(&twin.etag())?;
-                let note = twin.patch_from_service(body)?;
-                Ok((twin_json(rec, key)?, note))
-            },
-            |(_, note)| {
-                if let Some(note) = note {
-                    notify(note.clone());
-                }
-            },
-        )?;
-        Ok(json)
+        self.write_twin(key, if_match, |twin| twin.patch_from_service(body), notify)
     }
 
     /// `PUT /twins/…`: replaces tags and desired; devices get the whole new desired document.
@@ -485,15 +471,36 @@ impl Registry {
         if_match: &IfMatch,
         notify: impl FnOnce(Value),
     ) -> HubResult<Value> {
+        self.write_twin(
+            key,
+            if_match,
+            |twin| twin.replace_from_service(body).map(Some),
+            notify,
+        )
+    }
+
+    /// A service write to a twin: etag check, the change, the save, then `notify` with what the
+    /// devices must be told (if anything), all under the device lock.
+    fn write_twin(
+        &self,
+        key: &IdentityKey,
+        if_match: &IfMatch,
+        change: impl FnOnce(&mut Twin) -> HubResult<Option<Value>>,
+        notify: impl FnOnce(Value),
+    ) -> HubResult<Value> {
         let (json, _) = self.change_device(
             &key.device_id,
             |rec| {
                 let twin = twin_of(rec, key)?;
                 if_match.check(&twin.etag())?;
-                let note = twin.replace_from_service(body)?;
+                let note = change(twin)?;
                 Ok((twin_json(rec, key)?, note))
             },
-            |(_, note)| notify(note.clone()),
+            |(_, note)| {
+                if let Some(note) = note {
+                    notify(note.clone());
+                }
+            },
         )?;
         Ok(json)
     }
