@@ -15,6 +15,9 @@
 //! - [`http`]: the HTTPS service API, the `/_emulator/` control API, and the
 //!   MQTT-over-WebSockets endpoint on the same port.
 //! - [`mqtt`]: the device-facing MQTT front end.
+//! - [`portal`]: the web portal at `/` (server-rendered pages over the same hub operations).
+//! - [`seed`]: identities declared in the config file; [`store`]: `--data-dir` persistence;
+//!   [`metrics`]: counters for `/_emulator/metrics`.
 //! - [`error`]: IoT Hub's error codes; each front end maps them to its wire in one place.
 //!
 //! # Data flow

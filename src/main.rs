@@ -180,6 +180,7 @@ fn print_banner(config: &Config, ca: &std::path::Path, https: SocketAddr, mqtt: 
     let _ = writeln!(
         out,
         "iothub-emulator {version}: HTTPS (service API, MQTT over WebSockets) on {https}, MQTT/TLS on {mqtt}\n\
+         Portal: https://{portal_host}:{portal_port}/\n\
          Owner connection string (emulator only, insecure):\n  {cs}\n\
          CA certificate to trust: {ca}\n\
          \x20 Python device SDK: SSL_CERT_FILE={ca} (or server_verification_cert=<contents>)\n\
@@ -188,6 +189,8 @@ fn print_banner(config: &Config, ca: &std::path::Path, https: SocketAddr, mqtt: 
          iothub-emulator ready",
         version = env!("CARGO_PKG_VERSION"),
         cs = config.owner_connection_string(),
+        portal_host = config.hostname,
+        portal_port = https.port(),
     );
     let _ = out.flush();
 }

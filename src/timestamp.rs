@@ -12,8 +12,12 @@ impl Timestamp {
     /// The value IoT Hub shows for something that has not happened yet.
     pub const NEVER: Self = Self(None);
 
+    /// Now, to the 100 ns tick that IoT Hub's timestamps carry, so that a written timestamp
+    /// reads back equal.
     pub fn now() -> Self {
-        Self(Some(OffsetDateTime::now_utc()))
+        let now = OffsetDateTime::now_utc();
+        let ticks = now.nanosecond() / 100 * 100;
+        Self(Some(now.replace_nanosecond(ticks).unwrap_or(now)))
     }
 
     /// Seconds since the unix epoch (0 for never).

@@ -248,8 +248,11 @@ test('a save over a twin that changed since it was loaded is refused (etag)', as
   await page.getByRole('button', { name: 'Save', exact: true }).click();
   await page.getByText(/PreconditionFailed, HTTP 412/).waitFor();
   await page.getByRole('button', { name: 'Discard changes' }).click();
-  const now = JSON.parse(await editor.inputValue());
-  assert.equal(now.properties.desired.fromOtherTab, 1);
+  // Discarding loads the twin as it is now on the hub.
+  const now = await eventually(async () => {
+    const doc = JSON.parse(await editor.inputValue());
+    return doc.properties.desired.fromOtherTab === 1 && doc;
+  }, 'the editor to show the other tab\'s change');
   assert.equal(now.properties.desired.stale, undefined);
   await helperEvent((e) => e.event === 'desired' && e.patch.fromOtherTab === 1, 'the other tab\'s patch');
   assert.ok(!helperEvents.some((e) => e.event === 'desired' && 'stale' in e.patch));
