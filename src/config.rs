@@ -30,6 +30,8 @@ pub struct Config {
     pub telemetry_capacity: usize,
     /// Identities that exist from the start (and again after a reset).
     pub seeds: Seeds,
+    /// CA certificates that `certificateAuthority` devices' certificates must chain to.
+    pub trusted_cas: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Config {
@@ -74,6 +76,10 @@ pub struct ConfigFile {
     pub hostname: Option<String>,
     pub max_modules_per_device: Option<usize>,
     pub telemetry_log_size: Option<usize>,
+    /// PEM files of CA certificates for `certificateAuthority` devices (as if uploaded and
+    /// verified on the hub).
+    #[serde(default)]
+    pub trusted_ca_files: Vec<PathBuf>,
     #[serde(default)]
     pub policies: Vec<PolicyEntry>,
     /// Devices (and their modules) that exist from the start.

@@ -47,6 +47,8 @@ struct Inner {
     loopback_only: bool,
     /// Identities created at start-up and again on reset.
     seeds: crate::seed::Seeds,
+    /// CA certificates that CA-signed device certificates must chain to.
+    trusted_cas: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Which service operation a caller wants, for the permission check.
@@ -101,6 +103,7 @@ impl Hub {
                 hostname: config.hostname.clone(),
                 loopback_only: config.bind.is_loopback(),
                 seeds: config.seeds.clone(),
+                trusted_cas: config.trusted_cas.clone(),
             }),
         }
     }
@@ -312,17 +315,28 @@ impl Hub {
         Ok(token.expiry())
     }
 
-    /// Authenticates an identity that presented an X.509 client certificate: a self-signed
-    /// certificate must match a registered thumbprint. `certificateAuthority` identities are
-    /// refused: IoT Hub checks their chain against CA certificates registered with the hub, and
-    /// the emulator has no way to register one yet, so a subject CN alone proves nothing.
-    pub fn authenticate_x509(&self, key: &IdentityKey, sha1: &str, sha256: &str) -> HubResult<()> {
+    /// Authenticates an identity that presented an X.509 client certificate (the TLS layer
+    /// has already checked that the client holds its key):
+    /// - `selfSigned`: the certificate's SHA-1 or SHA-256 thumbprint must be registered;
+    /// - `certificateAuthority`: the chain must lead to a CA of the config file's
+    ///   `trusted_ca_files` and the subject CN must be `deviceId` or `deviceId/moduleId`, as
+    ///   IoT Hub requires for CA-signed devices and modules.
+    pub fn authenticate_x509(
+        &self,
+        key: &IdentityKey,
+        cert: &crate::tls::ClientCertInfo,
+    ) -> HubResult<()> {
+        let (sha1, sha256) = (cert.sha1.as_str(), cert.sha256.as_str());
         let (credentials, status) = self.inner.registry.credentials(key)?;
         let ok = match &credentials {
             Credentials::SelfSigned { primary, secondary } => [primary, secondary]
                 .into_iter()
                 .flatten()
                 .any(|t| t.eq_ignore_ascii_case(sha1) || t.eq_ignore_ascii_case(sha256)),
+            Credentials::CertificateAuthority => {
+                cert.common_name.as_deref() == Some(key.to_string().as_str())
+                    && cert.chains_to(&self.inner.trusted_cas)
+            }
             _ => false,
         };
         if !ok {
@@ -462,6 +476,7 @@ mod tests {
             max_modules_per_device: 50,
             telemetry_capacity: 1000,
             seeds: Default::default(),
+            trusted_cas: Vec::new(),
         }
     }
 

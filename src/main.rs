@@ -114,6 +114,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .telemetry_log_size
             .unwrap_or(iothub_emulator::telemetry::DEFAULT_CAPACITY),
         seeds: file.seeds(),
+        trusted_cas: tls::ClientCertInfo::load_cas(&file.trusted_ca_files)
+            .map_err(|e| anyhow::anyhow!("config file: trusted_ca_files: {e}"))?,
     };
     let user_cert = cli
         .tls_cert

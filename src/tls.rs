@@ -301,16 +301,69 @@ pub struct ClientCertInfo {
     pub sha1: String,
     /// SHA-256 thumbprint, upper-case hex.
     pub sha256: String,
+    /// The subject's common name (`deviceId` or `deviceId/moduleId` for CA-signed devices).
+    pub common_name: Option<String>,
+    /// The certificate and the intermediates the client sent, for chain validation.
+    pub chain: Vec<CertificateDer<'static>>,
 }
 
 impl ClientCertInfo {
-    pub fn from_der(der: &[u8]) -> Self {
+    /// Reads the facts from a client's certificate chain (end entity first); `None` when the
+    /// client sent no certificate.
+    pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<Self> {
         use sha1::Digest as _;
+        let der = chain.first()?;
         let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02X}")).collect::<String>();
-        Self {
+        let common_name = x509_parser::parse_x509_certificate(der)
+            .ok()
+            .and_then(|(_, cert)| {
+                let cn = cert.subject().iter_common_name().next()?;
+                cn.as_str().ok().map(str::to_owned)
+            });
+        Some(Self {
             sha1: hex(&sha1::Sha1::digest(der)),
             sha256: hex(&sha2::Sha256::digest(der)),
+            common_name,
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+        })
+    }
+
+    /// Whether the chain leads to one of `cas` and is valid now for client authentication.
+    pub fn chains_to(&self, cas: &[CertificateDer<'static>]) -> bool {
+        let anchors: Vec<_> = cas
+            .iter()
+            .filter_map(|ca| webpki::anchor_from_trusted_cert(ca).ok())
+            .collect();
+        let Some((leaf, intermediates)) = self.chain.split_first() else {
+            return false;
+        };
+        let Ok(leaf) = webpki::EndEntityCert::try_from(leaf) else {
+            return false;
+        };
+        leaf.verify_for_usage(
+            ring::default_provider()
+                .signature_verification_algorithms
+                .all,
+            &anchors,
+            intermediates,
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .is_ok()
+    }
+
+    /// Loads CA certificates (PEM) that CA-signed device certificates must chain to.
+    ///
+    /// # Errors
+    /// When a file cannot be read or holds no certificate.
+    pub fn load_cas(paths: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, String> {
+        let mut cas = Vec::new();
+        for path in paths {
+            cas.extend(read_certs(path)?);
         }
+        Ok(cas)
     }
 }
 

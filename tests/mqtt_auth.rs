@@ -83,7 +83,7 @@ async fn self_signed_certificate_authenticates_by_thumbprint() {
 }
 
 /// Scenario: a SAS device cannot connect with only a certificate, and a certificateAuthority
-/// device is refused (no CA can be registered with the emulator to check the chain).
+/// device is refused when the hub trusts no CA (none in the config file).
 #[tokio::test]
 async fn certificates_do_not_authenticate_sas_or_unverifiable_ca_identities() {
     let hub = start().await;
@@ -140,4 +140,82 @@ async fn connection_closes_when_its_token_expires() {
         lived <= Duration::from_secs(4),
         "closed too late: {lived:?}"
     );
+}
+
+/// A CA and certificates it issues for each of `cns`: (CA DER, [(leaf PEM, leaf key PEM)]).
+fn ca_and_leaves(cns: &[&str]) -> (Vec<u8>, Vec<(String, String)>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Test device CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaves = cns
+        .iter()
+        .map(|cn| {
+            let leaf_key = KeyPair::generate().unwrap();
+            let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            leaf_params.distinguished_name.push(DnType::CommonName, *cn);
+            let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+            (leaf.pem(), leaf_key.serialize_pem())
+        })
+        .collect();
+    (ca.der().to_vec(), leaves)
+}
+
+/// Scenario (the seeds' `-subj "/CN=device01\/module01"`):
+/// - with the CA trusted through the config, a certificateAuthority module connects with a
+///   certificate whose CN is `device01/module01`
+/// - a certificate from that CA for another CN, the right certificate presented for another
+///   identity, and one from an untrusted CA with the right CN are refused with CONNACK 5
+#[tokio::test]
+async fn ca_signed_certificate_authenticates_by_chain_and_common_name() {
+    let (ca_der, leaves) = ca_and_leaves(&["device01/module01", "device01/stranger"]);
+    let [(leaf, leaf_key), (wrong_cn, wrong_cn_key)] = [leaves[0].clone(), leaves[1].clone()];
+    let (_, untrusted) = ca_and_leaves(&["device01/module01"]);
+    let (untrusted, untrusted_key) = untrusted[0].clone();
+    let trusted = rustls::pki_types::CertificateDer::from(ca_der);
+    let hub = common::start_with(|c| c.trusted_cas = vec![trusted]).await;
+    let http = hub.http();
+    http.send(
+        "PUT",
+        "/devices/device01",
+        Some(json!({"authentication":{"type":"certificateAuthority"}})),
+        &[],
+    )
+    .await
+    .expect_status(200);
+    for m in ["module01", "other"] {
+        http.send(
+            "PUT",
+            &format!("/devices/device01/modules/{m}"),
+            Some(json!({"authentication":{"type":"certificateAuthority"}})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    }
+    let (mut client, connack) = hub
+        .mqtt_start(x509_options(&hub, "device01/module01", &leaf, &leaf_key))
+        .await;
+    assert_eq!(connack.unwrap().code, mqtt::ConnectReturnCode::Success);
+    assert_eq!(client.twin_get("ca1").await["reported"]["$version"], 1);
+    for (id, cert, key) in [
+        // Trusted CA, but the CN names another module.
+        ("device01/other", &wrong_cn, &wrong_cn_key),
+        // The right CN, from a CA the hub does not trust.
+        ("device01/module01", &untrusted, &untrusted_key),
+        // A valid certificate presented for another identity.
+        ("device01/other", &leaf, &leaf_key),
+    ] {
+        let (_c, connack) = hub.mqtt_start(x509_options(&hub, id, cert, key)).await;
+        let code = match connack {
+            Ok(ack) => ack.code,
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => code,
+            Err(e) => panic!("unexpected error: {e}"),
+        };
+        assert_eq!(code, mqtt::ConnectReturnCode::NotAuthorized, "{id}");
+    }
 }

@@ -31,8 +31,7 @@ pub async fn serve(
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|der| ClientCertInfo::from_der(der));
+            .and_then(ClientCertInfo::from_chain);
         session::run(hub.clone(), tls, cert, peer.to_string())
     })
     .await;

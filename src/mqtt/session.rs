@@ -212,8 +212,7 @@ async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     let auth = if !password.is_empty() {
         hub.authenticate_device(&key, password).map(Some)
     } else if let Some(cert) = client_cert {
-        hub.authenticate_x509(&key, &cert.sha1, &cert.sha256)
-            .map(|()| None)
+        hub.authenticate_x509(&key, cert).map(|()| None)
     } else {
         Err(HubError::unauthorized(
             "no SAS token and no client certificate",

@@ -28,12 +28,7 @@ use std::time::{Duration, Instant};
 /// fleet and service apps do, and reports server CPU per operation, throughput, latency
 /// percentiles and memory per connection.
 #[derive(Debug, Parser)]
-#[command(
-    name = "iothub-bench",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "iothub-bench", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
