@@ -10,6 +10,8 @@
 # Environment:
 #   E2E=0            skip the end-to-end suites (cargo only)
 #   PYTEST_ARGS=...  extra pytest arguments (e.g. "-k seed -x")
+#   CONTAINER_CHECK=0  skip scripts/check-container.sh (the Dockerfile's steps run on the
+#                    host; needs root, builds target/release)
 #
 # Idempotent: the venv (e2e/python/.venv) and node_modules are reused when
 # requirements.txt / package-lock.json have not changed since they were installed.
@@ -26,6 +28,16 @@ cargo build --locked --quiet
 
 phase "cargo test --locked"
 cargo test --locked
+
+# --- Container: the Dockerfile's steps, run on this host (no Docker engine needed) ---------
+# Release build as in the image's builder stage, then the runtime steps: setcap, a non-root
+# user, its /certs and /data, 443/8883 bound as that user, HEALTHCHECK, SIGTERM exit 0.
+if [[ "${CONTAINER_CHECK:-1}" == "0" ]]; then
+  phase "CONTAINER_CHECK=0: skipping scripts/check-container.sh"
+else
+  phase "container check: the Dockerfile's steps on the host (scripts/check-container.sh)"
+  env -u IOTHUB_EMULATOR_BIN bash "$ROOT/scripts/check-container.sh"
+fi
 
 if [[ "${E2E:-1}" == "0" ]]; then
   phase "E2E=0: skipping the SDK end-to-end suites"

@@ -89,11 +89,17 @@ impl Hub {
     }
 
     /// A hub over a given registry (one backed by a data dir, see [`Registry::with_store`]).
+    /// Persistent sessions stored in it are restored, so devices that reconnect without
+    /// subscribing again (as the SDKs do) still get their pushes.
     pub fn with_registry(config: &Config, registry: Registry) -> Self {
+        let connections = Connections::default();
+        for (key, session) in registry.sessions() {
+            connections.set_session(&key, session);
+        }
         Self {
             inner: Arc::new(Inner {
                 registry,
-                connections: Connections::default(),
+                connections,
                 methods: Methods::default(),
                 telemetry: TelemetryLog::new(config.telemetry_capacity),
                 metrics: crate::metrics::Metrics::default(),
@@ -211,6 +217,13 @@ impl Hub {
             .connections
             .notify(&IdentityKey::device(device_id), Outbound::CloudToDevice);
         Ok(())
+    }
+
+    /// Stores an identity's session state: live for the connections, and in the registry so
+    /// that it outlives a restart with `--data-dir`.
+    pub fn set_session(&self, key: &IdentityKey, session: u8) {
+        self.inner.connections.set_session(key, session);
+        self.inner.registry.set_session(key, session);
     }
 
     /// Creates the seeded identities of the config file.

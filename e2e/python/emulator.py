@@ -26,7 +26,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO_ROOT / "target" / "debug" / "iothub-emulator"
@@ -136,41 +136,65 @@ class Emulator:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+def emulator_binary(binary: Optional[Path] = None) -> Path:
+    """The binary under test: $IOTHUB_EMULATOR_BIN, else `binary`, else target/debug."""
+    binary = Path(os.environ.get("IOTHUB_EMULATOR_BIN", binary or DEFAULT_BINARY))
+    if not binary.exists():
+        raise RuntimeError(f"emulator binary not found: {binary} (run `cargo build --locked` first)")
+    return binary
+
+
+def pick_address() -> str:
+    """A spare 127.0.0.X where both 443 and 8883 can be bound right now."""
+    return _pick_address(random.SystemRandom())
+
+
 def start_emulator(
     binary: Optional[Path] = None,
     config_toml: Optional[str] = None,
     ready_timeout: float = 60.0,
     attempts: int = 5,
+    extra_args: Sequence[str] = (),
+    address: Optional[str] = None,
+    certs_dir: Optional[Path] = None,
+    log_suffix: str = "",
 ) -> Emulator:
     """Start the emulator on a spare 127.0.0.X with its default ports (443 and 8883).
 
     The emulator's stdout/stderr go to a log file under e2e/logs/ (kept for debugging);
     readiness is the `iothub-emulator ready` line appearing there.
+
+    `extra_args` are appended to the command line (e.g. `["--data-dir", dir]`). To restart an
+    emulator where it was (same address, same CA, so connected SDK clients can come back),
+    pass the old `address` and `certs_dir`: they are used as given (only one attempt on a
+    fixed address) and `certs_dir` is not deleted by `stop()`. `log_suffix` keeps a
+    restart's log apart from the first run's (`python-emulator-127.0.0.X<suffix>.log`).
     """
-    binary = Path(os.environ.get("IOTHUB_EMULATOR_BIN", binary or DEFAULT_BINARY))
-    if not binary.exists():
-        raise RuntimeError(f"emulator binary not found: {binary} (run `cargo build --locked` first)")
+    binary = emulator_binary(binary)
+    if address is not None:
+        attempts = 1
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     rng = random.SystemRandom()
     last_error = "no attempt made"
 
     for _ in range(attempts):
-        address = _pick_address(rng)
+        bind_address = address or _pick_address(rng)
         work_dir = Path(tempfile.mkdtemp(prefix="iothub-e2e-"))
-        certs_dir = work_dir / "certs"
+        run_certs_dir = Path(certs_dir) if certs_dir is not None else work_dir / "certs"
         args = [
             str(binary),
-            "--bind", address,
+            "--bind", bind_address,
             "--hostname", DEVICE_HOSTNAME,
-            "--certs-dir", str(certs_dir),
+            "--certs-dir", str(run_certs_dir),
         ]
         if config_toml is not None:
             config_path = work_dir / "config.toml"
             config_path.write_text(config_toml)
             args += ["--config", str(config_path)]
+        args += [str(a) for a in extra_args]
 
-        log_path = LOG_DIR / f"python-emulator-{address}.log"
+        log_path = LOG_DIR / f"python-emulator-{bind_address}{log_suffix}.log"
         log = open(log_path, "wb")
         log.write(("$ " + " ".join(args) + "\n").encode())
         log.flush()
@@ -180,11 +204,11 @@ def start_emulator(
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if READY_LINE in log_path.read_text(errors="replace"):
-                if not (certs_dir / "ca.pem").exists():
+                if not (run_certs_dir / "ca.pem").exists():
                     process.kill()
                     process.wait()
-                    raise RuntimeError(f"emulator ready but {certs_dir}/ca.pem missing")
-                return Emulator(address=address, work_dir=work_dir, certs_dir=certs_dir, log_path=log_path, process=process)
+                    raise RuntimeError(f"emulator ready but {run_certs_dir}/ca.pem missing")
+                return Emulator(address=bind_address, work_dir=work_dir, certs_dir=run_certs_dir, log_path=log_path, process=process)
             if process.poll() is not None:
                 break
             time.sleep(0.05)
@@ -196,6 +220,7 @@ def start_emulator(
         else:
             last_error = f"exited with {process.returncode}"
         last_error += f"; log {log_path}:\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        shutil.rmtree(work_dir, ignore_errors=True)
         # A port may have been taken between the check and the bind: try another address.
 
     raise RuntimeError(f"could not start the emulator: {last_error}")

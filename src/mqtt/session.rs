@@ -32,6 +32,10 @@ use tokio::time::{timeout, Instant};
 
 /// How long a client has, after the TLS handshake, to send CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much the read buffer grows by when it runs short.
+const READ_CHUNK: usize = 1024;
+/// A read buffer larger than this is released once empty.
+const RETAINED_BUFFER: usize = 8 * 1024;
 /// How long one write to the client may take before the client counts as not reading.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// IoT Hub caps the keep-alive it honours at 1767 s (DOC-MQTT); 0 means that cap too.
@@ -70,11 +74,13 @@ struct Framed<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    /// Buffers start empty and are sized by use: an idle connection holds only a small read
+    /// buffer, and no write buffer at all (memory per idle connection is what limits fleets).
     fn new(stream: S) -> Self {
         Self {
             stream,
-            read_buf: BytesMut::with_capacity(4096),
-            write_buf: BytesMut::with_capacity(4096),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
         }
     }
 
@@ -87,6 +93,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 Ok(packet) => return Ok(Some(packet)),
                 Err(CodecError::InsufficientBytes(_)) => {}
                 Err(e) => return Err(Error::Codec(e)),
+            }
+            if self.read_buf.is_empty() && self.read_buf.capacity() > RETAINED_BUFFER {
+                // A large packet grew the buffer; give the memory back.
+                self.read_buf = BytesMut::new();
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 2 {
+                self.read_buf.reserve(READ_CHUNK);
             }
             if self.stream.read_buf(&mut self.read_buf).await? == 0 {
                 return if self.read_buf.is_empty() {
@@ -114,7 +127,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             self.stream.flush().await
         };
         let result = timeout(WRITE_TIMEOUT, flush).await;
-        self.write_buf.clear();
+        // Written: free the buffer rather than keep it for a connection that may stay idle.
+        self.write_buf = BytesMut::new();
         match result {
             Ok(r) => Ok(r?),
             Err(_) => Err(Error::WriteTimeout),
@@ -153,7 +167,7 @@ where
         hub.registry().set_connected(&key, false, None);
         if clean_session {
             // [MQTT-3.1.2-6] A clean session ends with the connection.
-            hub.connections().set_session(&key, 0);
+            hub.set_session(&key, 0);
         }
     }
     match result {
@@ -236,7 +250,7 @@ async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         k => (Duration::from_secs(u64::from(k)) * 3 / 2).min(MAX_KEEP_ALIVE),
     };
     if connect.clean_session {
-        hub.connections().set_session(&key, 0);
+        hub.set_session(&key, 0);
     }
     let session_present = hub.connections().session(&key) != 0;
     framed
@@ -376,7 +390,7 @@ impl<'h> Session<'h> {
                     .iter()
                     .map(|f| self.subscribe(&f.path, f.qos))
                     .collect();
-                self.hub.connections().set_session(&self.key, self.features);
+                self.hub.set_session(&self.key, self.features);
                 framed
                     .write(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
                     .await?;
@@ -388,7 +402,7 @@ impl<'h> Session<'h> {
                         self.features &= !feature.bit();
                     }
                 }
-                self.hub.connections().set_session(&self.key, self.features);
+                self.hub.set_session(&self.key, self.features);
                 framed
                     .write(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))
                     .await?;

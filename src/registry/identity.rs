@@ -244,6 +244,10 @@ pub struct Common {
     pub credentials: Credentials,
     pub presence: Presence,
     pub c2d_count: u32,
+    /// The identity's persistent session (which subscriptions are on), kept here so that
+    /// `--data-dir` restores it after a restart; see `connections::Connections::set_session`.
+    #[serde(default)]
+    pub session: u8,
 }
 
 /// A device identity.
@@ -329,6 +333,7 @@ impl Device {
                 credentials: spec.credentials,
                 presence: Presence::default(),
                 c2d_count: 0,
+                session: 0,
             },
             status: spec.status,
             status_reason: spec.status_reason,
@@ -446,6 +451,7 @@ impl Module {
                 credentials: spec.credentials,
                 presence: Presence::default(),
                 c2d_count: 0,
+                session: 0,
             },
         }
     }

@@ -669,6 +669,48 @@ impl Registry {
         });
     }
 
+    /// Stores an identity's session state (saved with the record when it changes).
+    pub fn set_session(&self, key: &IdentityKey, session: u8) {
+        let unchanged = self
+            .with_device(&key.device_id, |rec| {
+                Ok(common_of(rec, key)?.session == session)
+            })
+            .unwrap_or(true);
+        if unchanged {
+            return;
+        }
+        let _ = self.change_device(
+            &key.device_id,
+            |rec| {
+                common_of(rec, key)?.session = session;
+                Ok(())
+            },
+            |()| {},
+        );
+    }
+
+    /// Every identity with session state, for restoring it at start-up.
+    pub fn sessions(&self) -> Vec<(IdentityKey, u8)> {
+        let records: Vec<_> = self.devices.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut out = Vec::new();
+        for r in records {
+            let rec = lock(&r);
+            let id = &rec.device.device_id;
+            if rec.device.common.session != 0 {
+                out.push((IdentityKey::device(id.clone()), rec.device.common.session));
+            }
+            for (m, module) in &rec.modules {
+                if module.module.common.session != 0 {
+                    out.push((
+                        IdentityKey::module(id.clone(), m.clone()),
+                        module.module.common.session,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Records device activity (a message or request from it).
     pub fn touch(&self, key: &IdentityKey) {
         let _ = self.with_device(&key.device_id, |rec| {

@@ -50,6 +50,7 @@ pub fn config(certs_dir: PathBuf) -> Config {
         max_modules_per_device: 50,
         telemetry_capacity: 1000,
         seeds: Default::default(),
+        trusted_cas: Vec::new(),
     }
 }
 
