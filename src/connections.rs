@@ -18,20 +18,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 
-/// Events from the hub to one connected identity.
+/// Events from the hub to one connected identity. Payloads are boxed so that the enum, and
+/// so every connection's queue, stays small (the queue's first block is allocated up front).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
     /// A desired-properties change: the patch (or the whole document after a replace), with
     /// `$version` (`shared/protocol.md` C.6).
-    DesiredPatch(Value),
-    /// A direct-method call awaiting the device's answer under `rid` (C.4, C.7).
-    MethodRequest {
-        rid: u64,
-        name: String,
-        payload: Value,
-    },
+    DesiredPatch(Box<Value>),
+    /// A direct-method call awaiting the device's answer (C.4, C.7).
+    MethodRequest(Box<MethodRequest>),
     /// Cloud-to-device messages are waiting in the device's queue.
     CloudToDevice,
+}
+
+/// A direct-method call on its way to a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodRequest {
+    /// The request id the device's answer must carry.
+    pub rid: u64,
+    pub name: String,
+    pub payload: Value,
 }
 
 /// What a device has asked to receive (MQTT: by subscribing), kept across reconnects
@@ -232,10 +238,13 @@ mod tests {
         // The first is told to close; its late unregister does not remove the second.
         first.close.notified().await;
         assert!(!conns.unregister(&key, first.id));
-        assert!(conns.notify(&key, Outbound::DesiredPatch(json!({"$version": 2}))));
+        assert!(conns.notify(
+            &key,
+            Outbound::DesiredPatch(Box::new(json!({"$version": 2})))
+        ));
         assert_eq!(
             second.events.recv().await,
-            Some(Outbound::DesiredPatch(json!({"$version": 2})))
+            Some(Outbound::DesiredPatch(Box::new(json!({"$version": 2}))))
         );
         assert!(conns.unregister(&key, second.id));
         assert!(!conns.is_connected(&key));
@@ -247,9 +256,9 @@ mod tests {
         let key = IdentityKey::module("d", "m");
         let reg = conns.register(&key);
         for _ in 0..QUEUE_DEPTH {
-            assert!(conns.notify(&key, Outbound::DesiredPatch(json!({}))));
+            assert!(conns.notify(&key, Outbound::DesiredPatch(Box::new(json!({})))));
         }
-        assert!(!conns.notify(&key, Outbound::DesiredPatch(json!({}))));
+        assert!(!conns.notify(&key, Outbound::DesiredPatch(Box::new(json!({})))));
         reg.close.notified().await;
         assert_eq!(conns.connected_devices(), 0);
     }

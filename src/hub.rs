@@ -401,7 +401,7 @@ impl Hub {
         self.inner.registry.patch_twin(key, body, if_match, |note| {
             self.inner
                 .connections
-                .notify(key, Outbound::DesiredPatch(note));
+                .notify(key, Outbound::DesiredPatch(Box::new(note)));
         })
     }
 
@@ -417,7 +417,7 @@ impl Hub {
             .replace_twin(key, body, if_match, |note| {
                 self.inner
                     .connections
-                    .notify(key, Outbound::DesiredPatch(note));
+                    .notify(key, Outbound::DesiredPatch(Box::new(note)));
             })
     }
 }

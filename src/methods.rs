@@ -7,7 +7,7 @@
 //! A response is accepted only from the identity the request went to; late or unknown ids are
 //! dropped, as IoT Hub drops them.
 
-use crate::connections::{Connections, Feature, Outbound};
+use crate::connections::{Connections, Feature, MethodRequest, Outbound};
 use crate::error::{ErrorCode, HubError, HubResult};
 use crate::registry::IdentityKey;
 use dashmap::DashMap;
@@ -157,11 +157,11 @@ impl Methods {
             },
         );
         let _guard = PendingGuard { methods: self, rid };
-        let request = Outbound::MethodRequest {
+        let request = Outbound::MethodRequest(Box::new(MethodRequest {
             rid,
             name: call.name,
             payload: call.payload,
-        };
+        }));
         if !connections.notify(key, request) {
             return Err(offline());
         }
@@ -260,10 +260,10 @@ mod tests {
         let c = call(json!({"methodName":"reboot","payload":[1]})).unwrap();
         let invoke = methods.invoke(&conns, &key, c);
         let answer = async {
-            let Some(Outbound::MethodRequest { rid, name, payload }) = reg.events.recv().await
-            else {
+            let Some(Outbound::MethodRequest(request)) = reg.events.recv().await else {
                 panic!("no method request")
             };
+            let MethodRequest { rid, name, payload } = *request;
             assert_eq!((name.as_str(), payload), ("reboot", json!([1])));
             // Another identity cannot answer it.
             methods.complete(&IdentityKey::device("d"), &rid.to_string(), 500, b"{}");

@@ -10,7 +10,7 @@
 
 use super::topic::{self, Feature, Topic};
 use super::MAX_PACKET_BYTES;
-use crate::connections::{Outbound, Registration};
+use crate::connections::{MethodRequest, Outbound, Registration};
 use crate::error::{ErrorCode, HubError};
 use crate::hub::Hub;
 use crate::metrics::{DeviceOp, Metrics};
@@ -548,7 +548,8 @@ impl<'h> Session<'h> {
         framed: &mut Framed<S>,
     ) -> Result<(), Error> {
         match event {
-            Outbound::MethodRequest { rid, name, payload } => {
+            Outbound::MethodRequest(request) => {
+                let MethodRequest { rid, name, payload } = *request;
                 // The hub checked the subscription before sending; it may have been dropped
                 // since, and then the call times out as on IoT Hub.
                 if self.features & Feature::Methods.bit() == 0 {
