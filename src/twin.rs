@@ -157,6 +157,29 @@ impl Section {
     }
 }
 
+/// Which heavy parts of a twin's service JSON to build: a query whose conditions never look
+/// at tags or properties need not copy them for every twin it scans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowShape {
+    /// Identity and status fields (`status`, `connectionState`, `etag`, `version`, …); the
+    /// ids themselves are always there.
+    pub identity: bool,
+    pub tags: bool,
+    pub properties: bool,
+    /// `$metadata` inside the property sections (only with `properties`).
+    pub metadata: bool,
+}
+
+impl RowShape {
+    /// The whole twin, as `GET /twins` returns it.
+    pub const FULL: Self = Self {
+        identity: true,
+        tags: true,
+        properties: true,
+        metadata: true,
+    };
+}
+
 /// A device or module twin's document state (identity fields live in the registry).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Twin {
@@ -276,18 +299,35 @@ impl Twin {
     /// The twin-owned part of the service JSON: tags (left out when empty, as IoT Hub does),
     /// properties with metadata, version and etag. Identity fields are added by the registry.
     pub fn write_service_fields(&self, out: &mut Map<String, Value>) {
-        out.insert("etag".into(), json!(self.etag()));
-        out.insert("version".into(), json!(self.version));
-        if !self.tags.is_empty() {
+        self.write_fields(out, RowShape::FULL);
+    }
+
+    /// Like [`write_service_fields`](Self::write_service_fields), leaving out what `shape`
+    /// does not ask for (queries read rows that are only as heavy as their conditions need).
+    pub fn write_fields(&self, out: &mut Map<String, Value>, shape: RowShape) {
+        if shape.identity {
+            out.insert("etag".into(), json!(self.etag()));
+            out.insert("version".into(), json!(self.version));
+        }
+        if shape.tags && !self.tags.is_empty() {
             out.insert("tags".into(), Value::Object(self.tags.clone()));
         }
-        out.insert(
-            "properties".into(),
-            json!({
-                "desired": self.desired.to_service_json(),
-                "reported": self.reported.to_service_json(),
-            }),
-        );
+        if shape.properties {
+            let section = |s: &Section| {
+                if shape.metadata {
+                    s.to_service_json()
+                } else {
+                    s.to_device_json()
+                }
+            };
+            out.insert(
+                "properties".into(),
+                json!({
+                    "desired": section(&self.desired),
+                    "reported": section(&self.reported),
+                }),
+            );
+        }
     }
 }
 

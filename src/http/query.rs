@@ -90,7 +90,7 @@ async fn run_query(
 
     let (items, next) = if parsed.is_aggregate() {
         let mut rows = Vec::new();
-        registry.scan_twins(modules, None, |_, row| {
+        registry.scan_twins(modules, None, parsed.row_shape(), |_, row| {
             if parsed.matches(&row) {
                 rows.push(row);
             }
@@ -109,8 +109,16 @@ async fn run_query(
         let mut items = Vec::new();
         let mut last = None;
         let mut more = false;
+        // `SELECT *` returns whole twins, but only the page's twins need building whole: the
+        // scan builds rows as light as the WHERE clause allows.
+        let star = parsed.is_select_star();
+        let shape = if star {
+            parsed.filter_shape()
+        } else {
+            parsed.row_shape()
+        };
         if limit > 0 {
-            registry.scan_twins(modules, after.as_ref(), |key, row| {
+            registry.scan_twins(modules, after.as_ref(), shape, |key, row| {
                 if !parsed.matches(&row) {
                     return true;
                 }
@@ -119,7 +127,16 @@ async fn run_query(
                     more = true;
                     return false;
                 }
-                items.push(parsed.project(&row));
+                let item = if star {
+                    // The twin as it is now; one deleted since the scan is left out.
+                    match registry.get_twin(&key) {
+                        Ok(twin) => twin,
+                        Err(_) => return true,
+                    }
+                } else {
+                    parsed.project(&row)
+                };
+                items.push(item);
                 last = Some(key);
                 true
             });

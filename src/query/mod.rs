@@ -60,7 +60,54 @@ mod functions;
 mod lexer;
 mod parser;
 
+use crate::twin::RowShape;
 pub use ast::{Query, Source};
+
+/// Every property path in an expression.
+fn collect_paths<'a>(expr: &'a ast::Expr, out: &mut Vec<&'a ast::Path>) {
+    use ast::Expr;
+    match expr {
+        Expr::Const(_) => {}
+        Expr::Path(p) => out.push(p),
+        Expr::Not(e) | Expr::Neg(e) => collect_paths(e, out),
+        Expr::Array(items) | Expr::And(items) | Expr::Or(items) | Expr::Call(_, items) => {
+            items.iter().for_each(|e| collect_paths(e, out));
+        }
+        Expr::Compare(_, a, b) => {
+            collect_paths(a, out);
+            collect_paths(b, out);
+        }
+        Expr::Arith(first, rest) => {
+            collect_paths(first, out);
+            rest.iter().for_each(|(_, e)| collect_paths(e, out));
+        }
+        Expr::In { expr, list, .. } => {
+            collect_paths(expr, out);
+            list.iter().for_each(|e| collect_paths(e, out));
+        }
+    }
+}
+
+/// The row parts that `paths` can reach. Names match case-insensitively, as the evaluator's
+/// fallback does.
+fn shape_of(paths: &[&ast::Path]) -> RowShape {
+    let root = |p: &ast::Path| p.0.first().map(|s| s.to_ascii_lowercase());
+    let properties = paths
+        .iter()
+        .any(|p| root(p).as_deref() == Some("properties"));
+    RowShape {
+        identity: paths
+            .iter()
+            .any(|p| !matches!(root(p).as_deref(), Some("tags" | "properties"))),
+        tags: paths.iter().any(|p| root(p).as_deref() == Some("tags")),
+        properties,
+        metadata: properties
+            && paths
+                .iter()
+                .any(|p| p.0.iter().any(|s| s.eq_ignore_ascii_case("$metadata"))),
+    }
+}
+
 pub use parser::{MAX_NESTING, MAX_QUERY_CHARS};
 
 use serde_json::Value;
@@ -100,6 +147,40 @@ impl Query {
         matches!(self.select, ast::Select::All)
     }
 
+    /// The parts of a twin row the WHERE clause reads.
+    pub fn filter_shape(&self) -> RowShape {
+        let mut paths = Vec::new();
+        if let Some(f) = &self.filter {
+            collect_paths(f, &mut paths);
+        }
+        shape_of(&paths)
+    }
+
+    /// The parts of a twin row the query reads anywhere (WHERE, SELECT, GROUP BY); the whole
+    /// row for `SELECT *`.
+    pub fn row_shape(&self) -> RowShape {
+        let ast::Select::Items(items) = &self.select else {
+            return RowShape::FULL;
+        };
+        let mut paths: Vec<&ast::Path> = self.group_by.iter().collect();
+        if let Some(f) = &self.filter {
+            collect_paths(f, &mut paths);
+        }
+        for item in items {
+            match &item.kind {
+                ast::ItemKind::Expr(e) => collect_paths(e, &mut paths),
+                ast::ItemKind::Aggregate(a) => match a {
+                    ast::Aggregate::Count => {}
+                    ast::Aggregate::Avg(e)
+                    | ast::Aggregate::Sum(e)
+                    | ast::Aggregate::Min(e)
+                    | ast::Aggregate::Max(e) => collect_paths(e, &mut paths),
+                },
+            }
+        }
+        shape_of(&paths)
+    }
+
     /// The TOP limit, if any.
     pub fn top(&self) -> Option<usize> {
         self.top
@@ -127,6 +208,49 @@ impl Query {
     /// matches()), at most TOP of them. On a non-aggregate query, the projected rows.
     pub fn aggregate<'a>(&self, rows: impl Iterator<Item = &'a Value>) -> Vec<Value> {
         eval::aggregate(self, rows)
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_only_as_heavy_as_the_query_reads() {
+        let q = parse("SELECT * FROM devices WHERE tags.x = 'y'").unwrap();
+        assert_eq!(
+            q.filter_shape(),
+            RowShape {
+                identity: false,
+                tags: true,
+                properties: false,
+                metadata: false
+            }
+        );
+        assert_eq!(q.row_shape(), RowShape::FULL);
+        let q = parse(
+            "SELECT DeviceId FROM devices WHERE properties.reported.$metadata.fw.$lastUpdated > '2020'",
+        )
+        .unwrap();
+        assert_eq!(
+            q.row_shape(),
+            RowShape {
+                identity: true,
+                tags: false,
+                properties: true,
+                metadata: true
+            }
+        );
+        let q = parse("SELECT COUNT() AS n FROM devices.modules GROUP BY tags.site").unwrap();
+        assert_eq!(
+            q.row_shape(),
+            RowShape {
+                identity: false,
+                tags: true,
+                properties: false,
+                metadata: false
+            }
+        );
     }
 }
 

@@ -19,10 +19,11 @@ use crate::c2d::{self, CloudMessage};
 use crate::error::{ErrorCode, HubError, HubResult};
 use crate::store::Store;
 use crate::timestamp::Timestamp;
-use crate::twin::Twin;
+use crate::twin::{RowShape, Twin};
 use dashmap::DashMap;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -536,12 +537,20 @@ impl Registry {
         &self,
         modules: bool,
         after: Option<&IdentityKey>,
+        shape: RowShape,
         mut visit: impl FnMut(IdentityKey, Value) -> bool,
     ) {
-        let mut ids: Vec<String> = self.devices.iter().map(|e| e.key().clone()).collect();
-        ids.sort();
-        let start = after.map_or(0, |a| ids.partition_point(|id| *id < a.device_id));
-        for device_id in &ids[start..] {
+        // Ids in order from `after` on, without sorting them all: a heap yields them one by one,
+        // so a page that fills early costs a linear pass instead of a full sort.
+        let ids: Vec<Reverse<String>> = self
+            .devices
+            .iter()
+            .filter(|e| after.is_none_or(|a| *e.key() >= a.device_id))
+            .map(|e| Reverse(e.key().clone()))
+            .collect();
+        let mut ids = BinaryHeap::from(ids);
+        while let Some(Reverse(device_id)) = ids.pop() {
+            let device_id = &device_id;
             let Some(record) = self.devices.get(device_id).map(|r| Arc::clone(r.value())) else {
                 continue;
             };
@@ -560,7 +569,7 @@ impl Registry {
                 };
                 keys.into_iter()
                     .filter(|k| after.is_none_or(|a| k > a))
-                    .filter_map(|k| twin_json(&mut rec, &k).ok().map(|t| (k, t)))
+                    .filter_map(|k| twin_row(&mut rec, &k, shape).ok().map(|t| (k, t)))
                     .collect()
             };
             for (key, row) in rows {
@@ -768,10 +777,19 @@ fn common_of<'a>(
 
 /// The full service-side twin JSON: identity fields plus the document.
 fn twin_json(rec: &mut DeviceRecord, key: &IdentityKey) -> HubResult<Value> {
+    twin_row(rec, key, RowShape::FULL)
+}
+
+/// The twin JSON with only the heavy parts `shape` asks for.
+fn twin_row(rec: &mut DeviceRecord, key: &IdentityKey, shape: RowShape) -> HubResult<Value> {
     let mut out = Map::new();
     let twin = match &key.module_id {
-        None => {
+        None if shape.identity => {
             rec.device.write_twin_fields(&mut out);
+            &rec.twin
+        }
+        None => {
+            out.insert("deviceId".into(), Value::String(key.device_id.clone()));
             &rec.twin
         }
         Some(m) => {
@@ -779,12 +797,19 @@ fn twin_json(rec: &mut DeviceRecord, key: &IdentityKey) -> HubResult<Value> {
                 .modules
                 .get(m)
                 .ok_or_else(|| HubError::module_not_found(&key.device_id, m))?;
-            record.module.write_twin_fields(&rec.device, &mut out);
+            if shape.identity {
+                record.module.write_twin_fields(&rec.device, &mut out);
+            } else {
+                out.insert("deviceId".into(), Value::String(key.device_id.clone()));
+                out.insert("moduleId".into(), Value::String(m.clone()));
+            }
             &record.twin
         }
     };
-    out.insert("modelId".into(), Value::String(twin.model_id.clone()));
-    twin.write_service_fields(&mut out);
+    if shape.identity {
+        out.insert("modelId".into(), Value::String(twin.model_id.clone()));
+    }
+    twin.write_fields(&mut out, shape);
     Ok(Value::Object(out))
 }
 
