@@ -219,3 +219,29 @@ async fn ca_signed_certificate_authenticates_by_chain_and_common_name() {
         assert_eq!(code, mqtt::ConnectReturnCode::NotAuthorized, "{id}");
     }
 }
+
+/// Scenario: the `model-id` a device announces in its username (IoT Plug and Play) shows up as
+/// the twin's `modelId`, and activity moves `lastActivityTime`.
+#[tokio::test]
+async fn model_id_from_the_username_reaches_the_twin() {
+    let hub = start().await;
+    let key = hub.device("pnp").await;
+    let id = client_id("pnp", None);
+    let token = common::identity_token("pnp", None, &key);
+    let mut options = hub.mqtt_options(&id, &token);
+    // As the Node SDK sends it: the dtmi is not URL-encoded.
+    options.set_credentials(
+        format!("{HOST}/pnp/?api-version=2021-04-12&model-id=dtmi:com:example:Thermostat;1&DeviceClientType=x"),
+        token,
+    );
+    let (mut client, connack) = hub.mqtt_start(options).await;
+    assert_eq!(connack.unwrap().code, mqtt::ConnectReturnCode::Success);
+    client.twin_get("r1").await;
+    let twin = hub
+        .http()
+        .send("GET", "/twins/pnp", None, &[])
+        .await
+        .expect_status(200);
+    assert_eq!(twin["modelId"], "dtmi:com:example:Thermostat;1");
+    assert_ne!(twin["lastActivityTime"], "0001-01-01T00:00:00Z");
+}
