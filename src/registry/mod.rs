@@ -542,18 +542,15 @@ impl Registry {
     ) {
         // Ids in order from `after` on, without sorting them all: a heap yields them one by one,
         // so a page that fills early costs a linear pass instead of a full sort.
-        let ids: Vec<Reverse<String>> = self
+        let ids: Vec<Reverse<ScanEntry>> = self
             .devices
             .iter()
             .filter(|e| after.is_none_or(|a| *e.key() >= a.device_id))
-            .map(|e| Reverse(e.key().clone()))
+            .map(|e| Reverse(ScanEntry(e.key().clone(), Arc::clone(e.value()))))
             .collect();
         let mut ids = BinaryHeap::from(ids);
-        while let Some(Reverse(device_id)) = ids.pop() {
+        while let Some(Reverse(ScanEntry(device_id, record))) = ids.pop() {
             let device_id = &device_id;
-            let Some(record) = self.devices.get(device_id).map(|r| Arc::clone(r.value())) else {
-                continue;
-            };
             let rows: Vec<(IdentityKey, Value)> = {
                 let mut rec = lock(&record);
                 if rec.deleted {
@@ -738,6 +735,30 @@ fn etag_number(etag: &str) -> u64 {
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// A device in a scan's heap: ordered by id, carrying its record so the scan need not look it
+/// up again.
+struct ScanEntry(String, Arc<Mutex<DeviceRecord>>);
+
+impl PartialEq for ScanEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for ScanEntry {}
+
+impl PartialOrd for ScanEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ScanEntry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
 }
 
 fn lock(record: &Mutex<DeviceRecord>) -> MutexGuard<'_, DeviceRecord> {
