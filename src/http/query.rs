@@ -90,11 +90,10 @@ async fn run_query(
 
     let (items, next) = if parsed.is_aggregate() {
         let mut rows = Vec::new();
-        registry.scan_twins(modules, None, parsed.row_shape(), |_, row| {
+        registry.scan_all_twins(modules, parsed.row_shape(), |row| {
             if parsed.matches(&row) {
                 rows.push(row);
             }
-            true
         });
         (parsed.aggregate(rows.iter()), None)
     } else {
