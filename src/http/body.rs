@@ -49,6 +49,16 @@ impl JsonBody {
     }
 }
 
+/// The parsed query string of a request, or 400 ArgumentInvalid in IoT Hub's error shape
+/// (axum's own rejection would be plain text).
+pub fn query_string<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, HubError> {
+    query
+        .map(|axum::extract::Query(q)| q)
+        .map_err(|e| HubError::invalid(format!("Bad query string: {e}")))
+}
+
 /// A JSON response with IoT Hub's content type. The Node SDK only parses bodies whose
 /// content type contains `application/json` (`shared/protocol.md` E.1).
 pub fn json_response(status: StatusCode, body: &Value) -> Response {

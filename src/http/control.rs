@@ -5,10 +5,9 @@
 //! `health`, `ready`, `metrics` and `ca.pem` need no credentials; everything else needs a SAS token of a
 //! policy with ServiceConnect (the owner or `service` policy).
 
-use super::body::{json_response, ok, JsonBody};
+use super::body::{json_response, ok, query_string, JsonBody};
 use super::error::HttpResult;
 use crate::c2d::CloudMessage;
-use crate::error::HubError;
 use crate::hub::Hub;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -92,7 +91,7 @@ async fn telemetry(
     State(hub): State<Hub>,
     query: Result<Query<TelemetryQuery>, QueryRejection>,
 ) -> HttpResult<Response> {
-    let Query(q) = query.map_err(|e| HubError::invalid(format!("Bad query string: {e}")))?;
+    let q = query_string(query)?;
     let limit = q.limit.unwrap_or(MAX_READ).clamp(1, MAX_READ);
     let wait = Duration::from_secs(q.wait).min(MAX_WAIT);
     let filter = |m: &crate::telemetry::Message| {

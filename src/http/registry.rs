@@ -1,7 +1,7 @@
 //! Identity registry routes: devices, modules, bulk operations and statistics
 //! (`shared/protocol.md` E.2).
 
-use super::body::{ok, JsonBody};
+use super::body::{ok, query_string, JsonBody};
 use super::error::HttpResult;
 use super::no_content;
 use crate::error::{ErrorCode, HubError};
@@ -52,7 +52,7 @@ async fn list_devices(
     State(hub): State<Hub>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> HttpResult<Response> {
-    let Query(q) = query.map_err(|e| HubError::invalid(format!("Bad query string: {e}")))?;
+    let q = query_string(query)?;
     let top = match q.top.as_deref() {
         None | Some("") => MAX_LIST,
         Some(t) => t

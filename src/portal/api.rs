@@ -7,7 +7,7 @@
 
 use super::ApiViewer;
 use crate::error::{ErrorCode, HubError};
-use crate::http::body::{ok, JsonBody};
+use crate::http::body::{ok, query_string, JsonBody};
 use crate::http::error::HttpResult;
 use crate::hub::{Access, Hub};
 use crate::methods::MethodCall;
@@ -106,7 +106,7 @@ async fn list_devices(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> HttpResult<Response> {
     viewer.may(&hub, Access::RegistryRead)?;
-    let Query(q) = query.map_err(|e| HubError::invalid(format!("Bad query string: {e}")))?;
+    let q = query_string(query)?;
     Ok(ok(&Value::Array(device_summaries(&hub, &q.q))))
 }
 
@@ -531,7 +531,7 @@ async fn telemetry(
     query: Result<Query<TelemetryQuery>, QueryRejection>,
 ) -> HttpResult<Response> {
     viewer.may(&hub, Access::Control)?;
-    let Query(q) = query.map_err(|e| HubError::invalid(format!("Bad query string: {e}")))?;
+    let q = query_string(query)?;
     let filter = |m: &crate::telemetry::Message| {
         m.identity.device_id == q.device_id
             && q.module_id
