@@ -4,7 +4,7 @@
 #
 # Needs: Rust (cargo), Python 3.11+ with pip/venv, Node 20+ with npm, and Debian's chromium for
 # the portal's browser test (installed with apt-get when /usr/bin/chromium is missing).
-# The e2e suites bind a random 127.0.0.X on ports 443 and 8883 (the SDKs' fixed ports), so
+# The e2e suites bind a random 127.0.0.X on ports 443, 8883 and 5671 (the SDKs' fixed ports), so
 # they need permission to bind privileged ports (root, or CAP_NET_BIND_SERVICE).
 #
 # Environment:
@@ -79,7 +79,7 @@ status=0
 
 # --- Python e2e ----------------------------------------------------------------------------
 rm -rf "$ROOT/e2e/logs"
-phase "pytest e2e/python (azure-iot-hub + azure-iot-device)"
+phase "pytest e2e/python (azure-iot-hub + azure-iot-device + azure-eventhub)"
 set +e
 # shellcheck disable=SC2086
 (cd "$PY_DIR" && "$VENV/bin/python" -m pytest -q ${PYTEST_ARGS:-})
@@ -92,7 +92,7 @@ fi
 [[ $py_status -eq 0 ]] || status=1
 
 # --- Node e2e ------------------------------------------------------------------------------
-phase "node --test e2e/node (azure-iothub + azure-iot-device-mqtt)"
+phase "node --test e2e/node (azure-iothub + azure-iot-device-mqtt + azure-iot-device-amqp)"
 set +e
 (cd "$NODE_DIR" && node run.mjs)
 node_status=$?

@@ -19,6 +19,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// IoT Hub's default time-to-live (`defaultTtlAsIso8601`, PT1H) and its maximum (2 days).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_TTL: Duration = Duration::from_secs(48 * 3600);
+/// Deliveries after which an abandoned message is dead-lettered (`maxDeliveryCount`).
+pub const MAX_DELIVERY_COUNT: u32 = 10;
 
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -36,6 +38,12 @@ pub struct CloudMessage {
     /// Application properties; `None` is a property without a value.
     pub properties: Vec<(String, Option<String>)>,
     pub body: Bytes,
+    /// How many times the device abandoned it (AMQP `released`/`modified`).
+    #[serde(default)]
+    pub delivery_count: u32,
+    /// When the hub queued it.
+    #[serde(default = "SystemTime::now")]
+    pub enqueued: SystemTime,
 }
 
 impl CloudMessage {
@@ -113,6 +121,8 @@ impl CloudMessage {
             expires: SystemTime::now() + ttl,
             properties,
             body,
+            delivery_count: 0,
+            enqueued: SystemTime::now(),
         };
         let size = message.body.len()
             + message
@@ -224,5 +234,89 @@ mod tests {
         }
         let short = parse(json!({"ttlSeconds": 1})).unwrap();
         assert!(short.is_expired(SystemTime::now() + Duration::from_secs(2)));
+    }
+}
+
+/// How a device settled a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// MQTT PUBACK, AMQP `accepted`: done.
+    Completed,
+    /// AMQP `rejected`: dropped, never delivered again.
+    Rejected,
+    /// AMQP `released`/`modified`: deliver again (up to [`MAX_DELIVERY_COUNT`]).
+    Abandoned,
+}
+
+/// Most feedback records kept for the service to collect; older ones are dropped.
+pub const FEEDBACK_CAPACITY: usize = 1000;
+
+/// Delivery feedback (`iothub-ack`) waiting for the service on
+/// `/messages/serviceBound/feedback`, as IoT Hub's feedback records.
+#[derive(Default)]
+pub struct Feedback {
+    records: std::sync::Mutex<std::collections::VecDeque<Value>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl Feedback {
+    /// Records the outcome `status` (`Success`, `Rejected`, `DeliveryCountExceeded`) of
+    /// `message`, if its `iothub-ack` asked for that kind of outcome.
+    pub fn record(&self, message: &CloudMessage, status: &str, device_id: &str, generation_id: &str) {
+        let wanted = match message.ack.as_deref() {
+            Some("full") => true,
+            Some("positive") => status == "Success",
+            Some("negative") => status != "Success",
+            _ => false,
+        };
+        if !wanted {
+            return;
+        }
+        let record = serde_json::json!({
+            "originalMessageId": message.message_id,
+            "enqueuedTimeUtc": crate::timestamp::Timestamp::now(),
+            "statusCode": status,
+            "description": status,
+            "deviceId": device_id,
+            "deviceGenerationId": generation_id,
+        });
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() >= FEEDBACK_CAPACITY {
+            records.pop_front();
+        }
+        records.push_back(record);
+        drop(records);
+        self.arrived.notify_waiters();
+    }
+
+    /// Waits for records and takes up to `max` of them, oldest first.
+    pub async fn take(&self, max: usize) -> Vec<Value> {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+                if !records.is_empty() {
+                    let n = records.len().min(max);
+                    return records.drain(..n).collect();
+                }
+            }
+            arrived.await;
+        }
+    }
+
+    /// Puts records the service did not accept back at the front.
+    pub fn give_back(&self, batch: Vec<Value>) {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        for record in batch.into_iter().rev() {
+            records.push_front(record);
+        }
+        drop(records);
+        self.arrived.notify_waiters();
+    }
+
+    pub fn clear(&self) {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }

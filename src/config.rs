@@ -19,6 +19,7 @@ pub struct Config {
     pub bind: IpAddr,
     pub https_port: u16,
     pub mqtt_port: u16,
+    pub amqp_port: u16,
     /// Where the CA and server certificate live.
     pub certs_dir: PathBuf,
     /// Extra names for the server certificate (and accepted as SAS hosts).
@@ -36,6 +37,21 @@ pub struct Config {
 
 impl Config {
     /// Every name the hub answers to: in SAS `sr` hosts and in the server certificate.
+    /// The hub's name: the first label of its host name (`myhub` of `myhub.azure-devices.net`),
+    /// or `iothub-emulator` when the host name is an IP address. The Event Hub-compatible
+    /// endpoint's entity is named after it.
+    pub fn hub_name(&self) -> String {
+        if self.hostname.parse::<std::net::IpAddr>().is_ok() {
+            return "iothub-emulator".to_owned();
+        }
+        let label = self.hostname.split('.').next().unwrap_or_default();
+        if label.is_empty() {
+            "iothub-emulator".to_owned()
+        } else {
+            label.to_ascii_lowercase()
+        }
+    }
+
     pub fn host_names(&self) -> Vec<String> {
         let mut names = vec![
             self.hostname.to_ascii_lowercase(),
@@ -62,6 +78,22 @@ impl Config {
             "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
             self.hostname,
             owner.primary_key.to_base64()
+        )
+    }
+
+    /// The Event Hub-compatible endpoint's connection string (owner policy), as the Event Hubs
+    /// SDKs take it.
+    pub fn event_hub_connection_string(&self) -> String {
+        let owner = self
+            .policies
+            .iter()
+            .find(|p| p.name == "iothubowner")
+            .expect("the iothubowner policy always exists");
+        format!(
+            "Endpoint=sb://{}/;SharedAccessKeyName=iothubowner;SharedAccessKey={};EntityPath={}",
+            self.hostname,
+            owner.primary_key.to_base64(),
+            self.hub_name()
         )
     }
 }

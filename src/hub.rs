@@ -35,6 +35,10 @@ struct Inner {
     telemetry: TelemetryLog,
     /// Counters and histograms for `/_emulator/metrics`; atomics only.
     metrics: crate::metrics::Metrics,
+    /// Cloud-to-device delivery feedback waiting for the service (AMQP).
+    feedback: crate::c2d::Feedback,
+    /// The Event Hub-compatible endpoint's entity name (the hub name).
+    event_hub_name: String,
     /// The CA certificate (PEM) clients trust, served by the control API. Set once at start-up.
     ca_pem: std::sync::OnceLock<String>,
     /// Shared access policies; fixed after start-up, so no lock.
@@ -103,6 +107,8 @@ impl Hub {
                 methods: Methods::default(),
                 telemetry: TelemetryLog::new(config.telemetry_capacity),
                 metrics: crate::metrics::Metrics::default(),
+                feedback: crate::c2d::Feedback::default(),
+                event_hub_name: config.hub_name(),
                 ca_pem: std::sync::OnceLock::new(),
                 policies: config.policies.clone(),
                 host_names: config.host_names(),
@@ -132,6 +138,15 @@ impl Hub {
 
     pub fn telemetry(&self) -> &TelemetryLog {
         &self.inner.telemetry
+    }
+
+    pub fn feedback(&self) -> &crate::c2d::Feedback {
+        &self.inner.feedback
+    }
+
+    /// The entity name of the Event Hub-compatible endpoint (`EntityPath`).
+    pub fn event_hub_name(&self) -> &str {
+        &self.inner.event_hub_name
     }
 
     pub fn metrics(&self) -> &crate::metrics::Metrics {
@@ -219,6 +234,35 @@ impl Hub {
         Ok(())
     }
 
+    /// A device settled a delivered cloud-to-device message: it leaves the queue (or, when
+    /// abandoned, waits for another delivery), and the service gets the feedback it asked for.
+    pub fn settle_c2d(&self, device_id: &str, lock_token: u64, how: crate::c2d::Settlement) {
+        use crate::c2d::Settlement;
+        let registry = &self.inner.registry;
+        let (message, status) = match how {
+            Settlement::Completed => (registry.complete_c2d(device_id, lock_token), "Success"),
+            Settlement::Rejected => (registry.complete_c2d(device_id, lock_token), "Rejected"),
+            Settlement::Abandoned => (
+                registry.abandon_c2d(device_id, lock_token),
+                "DeliveryCountExceeded",
+            ),
+        };
+        let Some(message) = message else { return };
+        if how == Settlement::Completed {
+            crate::metrics::Metrics::count(&self.inner.metrics.c2d_completed);
+        }
+        if message.ack.is_some() {
+            let generation = registry
+                .get_device(device_id)
+                .ok()
+                .and_then(|d| d.get("generationId").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_default();
+            self.inner
+                .feedback
+                .record(&message, status, device_id, &generation);
+        }
+    }
+
     /// Stores an identity's session state: live for the connections, and in the registry so
     /// that it outlives a restart with `--data-dir`.
     pub fn set_session(&self, key: &IdentityKey, session: u8) {
@@ -245,6 +289,7 @@ impl Hub {
         self.inner.connections.close_all();
         self.inner.methods.clear();
         self.inner.telemetry.clear();
+        self.inner.feedback.clear();
         if let Err(e) = self.seed() {
             // They applied at start-up, so this cannot happen short of a bug; say so loudly.
             tracing::error!(error = %e, "re-applying the seeded identities after reset failed");
@@ -366,6 +411,29 @@ impl Hub {
         Ok(())
     }
 
+    /// Verifies a token signed by a shared access policy (`skn`) and returns the policy.
+    /// `service_bus_style` tokens are signed with the key's base64 text (Event Hubs SDKs).
+    pub fn verify_policy_token(
+        &self,
+        token: &SasToken,
+        service_bus_style: bool,
+    ) -> HubResult<&Policy> {
+        let name = token
+            .policy()
+            .ok_or_else(|| HubError::unauthorized("The token names no policy (skn)"))?;
+        let policy = self.policy(name)?;
+        if service_bus_style {
+            let keys = [
+                policy.primary_key.as_text_key(),
+                policy.secondary_key.as_text_key(),
+            ];
+            self.check_token(token, &[&keys[0], &keys[1]])?;
+        } else {
+            self.check_token(token, &[&policy.primary_key, &policy.secondary_key])?;
+        }
+        Ok(policy)
+    }
+
     fn policy(&self, name: &str) -> HubResult<&Policy> {
         self.inner
             .policies
@@ -461,7 +529,7 @@ impl Access {
     }
 }
 
-fn sas_error(e: SasError) -> HubError {
+pub(crate) fn sas_error(e: SasError) -> HubError {
     let code = match e {
         SasError::Expired(_)
         | SasError::Malformed
@@ -483,6 +551,7 @@ mod tests {
             bind: "127.0.0.1".parse().unwrap(),
             https_port: 0,
             mqtt_port: 0,
+            amqp_port: 0,
             certs_dir: std::env::temp_dir(),
             extra_sans: vec![],
             policies: crate::auth::default_policies(),

@@ -15,6 +15,8 @@
 //! - [`http`]: the HTTPS service API, the `/_emulator/` control API, and the
 //!   MQTT-over-WebSockets endpoint on the same port.
 //! - [`mqtt`]: the device-facing MQTT front end.
+//! - [`amqp`]: the AMQP 1.0 front end: devices, the service side (cloud-to-device, feedback)
+//!   and the Event Hub-compatible endpoint.
 //! - [`portal`]: the web portal at `/` (server-rendered pages over the same hub operations).
 //! - [`seed`]: identities declared in the config file; [`store`]: `--data-dir` persistence;
 //!   [`metrics`]: counters for `/_emulator/metrics`.
@@ -27,6 +29,7 @@
 //! in version order; the device's own task turns them into packets. HTTP never writes MQTT
 //! packets, and MQTT never calls HTTP.
 
+pub mod amqp;
 pub mod auth;
 pub mod c2d;
 pub mod config;
@@ -57,6 +60,8 @@ use tokio_rustls::TlsAcceptor;
 pub struct Listeners {
     pub https: TcpListener,
     pub mqtt: TcpListener,
+    /// AMQP over TLS (5671); `None` serves AMQP over WebSockets only.
+    pub amqp: Option<TcpListener>,
 }
 
 /// Runs a hub on bound listeners until `shutdown` resolves. Tests bind port 0 and pass the
@@ -80,15 +85,26 @@ pub async fn run(
     ));
     let mqtt = tokio::spawn(mqtt::serve(
         listeners.mqtt,
-        acceptor,
+        acceptor.clone(),
         hub.clone(),
-        stopped(stop_rx),
+        stopped(stop_rx.clone()),
     ));
+    let amqp = listeners.amqp.map(|listener| {
+        tokio::spawn(amqp::serve(
+            listener,
+            acceptor,
+            hub.clone(),
+            stopped(stop_rx),
+        ))
+    });
     shutdown.await;
     // Stop accepting, then close every device connection and give the connection tasks a
     // moment to record the disconnects before the process exits.
     let _ = stop_tx.send(true);
     let _ = tokio::join!(https, mqtt);
+    if let Some(amqp) = amqp {
+        let _ = amqp.await;
+    }
     hub.connections().close_all();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while hub.connections().live_count() > 0 && tokio::time::Instant::now() < deadline {

@@ -25,6 +25,10 @@ struct Cli {
     /// Port of MQTT over TLS. The SDKs expect 8883.
     #[arg(long, default_value_t = 8883)]
     mqtt_port: u16,
+    /// Port of AMQP over TLS (devices, service cloud-to-device, Event Hub-compatible
+    /// endpoint). The SDKs expect 5671.
+    #[arg(long, default_value_t = 5671)]
+    amqp_port: u16,
     /// Directory of the emulator's CA (ca.pem, ca.key), created on first start and reused.
     #[arg(long, env = "IOTHUB_EMULATOR_CERTS_DIR")]
     certs_dir: Option<PathBuf>,
@@ -107,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         bind: cli.bind,
         https_port: cli.https_port,
         mqtt_port: cli.mqtt_port,
+        amqp_port: cli.amqp_port,
         certs_dir: cli.certs_dir.clone().unwrap_or_else(default_certs_dir),
         extra_sans: cli.sans.clone(),
         policies,
@@ -146,18 +151,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let https = bind(config.bind, config.https_port, "--https-port").await?;
         let mqtt = bind(config.bind, config.mqtt_port, "--mqtt-port").await?;
+        let amqp = bind(config.bind, config.amqp_port, "--amqp-port").await?;
         print_banner(
             &config,
             &tls.ca_path,
-            https.local_addr()?,
-            mqtt.local_addr()?,
+            [https.local_addr()?, mqtt.local_addr()?, amqp.local_addr()?],
         );
         if let Ok(pem) = std::fs::read_to_string(&tls.ca_path) {
             hub.set_ca_pem(pem);
         }
         iothub_emulator::run(
             hub,
-            Listeners { https, mqtt },
+            Listeners {
+                https,
+                mqtt,
+                amqp: Some(amqp),
+            },
             tls.server_config,
             shutdown_signal(),
         )
@@ -177,14 +186,15 @@ async fn bind(ip: IpAddr, port: u16, flag: &str) -> anyhow::Result<tokio::net::T
     }
 }
 
-fn print_banner(config: &Config, ca: &std::path::Path, https: SocketAddr, mqtt: SocketAddr) {
+fn print_banner(config: &Config, ca: &std::path::Path, [https, mqtt, amqp]: [SocketAddr; 3]) {
     let ca = ca.display();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "iothub-emulator {version}: HTTPS (service API, MQTT over WebSockets) on {https}, MQTT/TLS on {mqtt}\n\
+        "iothub-emulator {version}: HTTPS (service API, MQTT and AMQP over WebSockets) on {https}, MQTT/TLS on {mqtt}, AMQP/TLS on {amqp}\n\
          Portal: https://{portal_host}:{portal_port}/\n\
          Owner connection string (emulator only, insecure):\n  {cs}\n\
+         Event Hub-compatible endpoint: {eh}\n\
          CA certificate to trust: {ca}\n\
          \x20 Python device SDK: SSL_CERT_FILE={ca} (or server_verification_cert=<contents>)\n\
          \x20 Python service SDK and az CLI: REQUESTS_CA_BUNDLE={ca}\n\
@@ -192,6 +202,7 @@ fn print_banner(config: &Config, ca: &std::path::Path, https: SocketAddr, mqtt: 
          iothub-emulator ready",
         version = env!("CARGO_PKG_VERSION"),
         cs = config.owner_connection_string(),
+        eh = config.event_hub_connection_string(),
         portal_host = config.hostname,
         portal_port = https.port(),
     );

@@ -71,6 +71,7 @@ pub enum DeviceOp {
 pub struct Metrics {
     pub mqtt_connections_accepted: AtomicU64,
     pub mqtt_connections_refused: AtomicU64,
+    pub amqp_connections: AtomicU64,
     pub desired_pushes: AtomicU64,
     pub c2d_delivered: AtomicU64,
     pub c2d_completed: AtomicU64,
@@ -119,6 +120,12 @@ impl Metrics {
             "iothub_mqtt_connections_refused_total",
             "MQTT connections refused at CONNECT.",
             load(&self.mqtt_connections_refused),
+        );
+        counter(
+            &mut out,
+            "iothub_amqp_connections_total",
+            "AMQP connections opened.",
+            load(&self.amqp_connections),
         );
         counter(
             &mut out,

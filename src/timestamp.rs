@@ -20,6 +20,17 @@ impl Timestamp {
         Self(Some(now.replace_nanosecond(ticks).unwrap_or(now)))
     }
 
+    /// The instant `millis` milliseconds after the unix epoch.
+    pub fn from_unix_millis(millis: i64) -> Self {
+        Self(OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok())
+    }
+
+    /// Milliseconds since the unix epoch (0 for never).
+    pub fn unix_millis(self) -> i64 {
+        self.0
+            .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+    }
+
     /// Seconds since the unix epoch (0 for never).
     pub fn unix_seconds(self) -> i64 {
         self.0.map_or(0, OffsetDateTime::unix_timestamp)

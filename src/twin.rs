@@ -112,6 +112,11 @@ impl Section {
         Value::Object(out)
     }
 
+    /// The section's `$metadata` as the service sees it.
+    pub fn metadata_json(&self) -> Value {
+        self.meta.to_json()
+    }
+
     /// The section as a device sees it over MQTT: properties and `$version`, no metadata.
     pub fn to_device_json(&self) -> Value {
         let mut out = self.properties.clone();

@@ -10,8 +10,9 @@
 // emulator's CA and the emulator's address in IOTHUB_E2E_ADDRESS, then stops the emulator
 // by pid (SIGTERM, then SIGKILL) and exits with the test runner's status.
 //
-// The emulator keeps its default ports (443 REST + MQTT/WebSockets, 8883 MQTT/TLS): the
-// Node service SDK can only reach 443. It binds a spare 127.0.0.X so those ports are free.
+// The emulator keeps its default ports (443 REST + MQTT/AMQP over WebSockets, 8883 MQTT/TLS,
+// 5671 AMQP/TLS): the Node service SDK can only reach 443 and the AMQP transports use 5671.
+// It binds a spare 127.0.0.X so those ports are free.
 // IOTHUB_EMULATOR_BIN overrides the binary (default ../../target/debug/iothub-emulator).
 
 import { spawn } from 'node:child_process';
@@ -26,7 +27,7 @@ const repoRoot = path.resolve(here, '..', '..');
 const binary = process.env.IOTHUB_EMULATOR_BIN || path.join(repoRoot, 'target', 'debug', 'iothub-emulator');
 const logDir = path.join(repoRoot, 'e2e', 'logs');
 const READY = 'iothub-emulator ready';
-const PORTS = [443, 8883];
+const PORTS = [443, 8883, 5671]; // HTTPS and MQTT/AMQP over WebSockets; MQTT/TLS; AMQP/TLS
 
 function portFree(address, port) {
   return new Promise((resolve) => {
@@ -42,7 +43,7 @@ async function pickAddress() {
     const free = await Promise.all(PORTS.map((p) => portFree(address, p)));
     if (free.every(Boolean)) return address;
   }
-  throw new Error('no 127.0.0.X with ports 443 and 8883 free');
+  throw new Error('no 127.0.0.X with ports 443, 8883 and 5671 free');
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

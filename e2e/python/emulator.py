@@ -2,9 +2,10 @@
 helpers the tests share (SAS tokens, connection strings, unique ids).
 
 Why a random loopback address: the Python device SDK hard-codes port 8883 (MQTT/TLS) and
-443 (MQTT over WebSockets), and the Node service SDK can only reach port 443
-(shared/protocol.md C.1 and E.1). Those ports may already be taken on 127.0.0.1, so the
-emulator is bound to a spare 127.0.0.X and keeps its default ports. Devices connect with
+443 (MQTT over WebSockets), the Node service SDK can only reach port 443
+(shared/protocol.md C.1 and E.1), and every AMQP client (Node device/service, uamqp,
+azure-eventhub) uses 5671 (shared/protocol-amqp.md). Those ports may already be taken on
+127.0.0.1, so the emulator is bound to a spare 127.0.0.X and keeps its default ports. Devices connect with
 `HostName=localhost;...;GatewayHostName=127.0.0.X`; service clients use
 `HostName=127.0.0.X`. The emulator's certificate covers both names.
 """
@@ -16,6 +17,7 @@ import hashlib
 import hmac
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +48,11 @@ REGISTRY_READ_KEY = base64.b64encode(hashlib.sha256(b"iothub-emulator e2e regist
 
 HTTPS_PORT = 443
 MQTT_PORT = 8883
+AMQP_PORT = 5671
+
+# The start-up banner names the Event Hub-compatible endpoint (issue 9):
+#   Event Hub-compatible endpoint: Endpoint=sb://<host>/;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...
+EVENTHUB_BANNER = "Event Hub-compatible endpoint:"
 
 
 def unique_id(prefix: str) -> str:
@@ -73,12 +80,35 @@ def _port_free(address: str, port: int) -> bool:
 
 
 def _pick_address(rng: random.Random) -> str:
-    """A 127.0.0.X (X in 2..250) where both 443 and 8883 can still be bound."""
+    """A 127.0.0.X (X in 2..250) where 443, 8883 and 5671 can all still be bound."""
     for _ in range(200):
         address = f"127.0.0.{rng.randint(2, 250)}"
-        if _port_free(address, HTTPS_PORT) and _port_free(address, MQTT_PORT):
+        if all(_port_free(address, port) for port in (HTTPS_PORT, MQTT_PORT, AMQP_PORT)):
             return address
-    raise RuntimeError("no 127.0.0.X with ports 443 and 8883 free")
+    raise RuntimeError("no 127.0.0.X with ports 443, 8883 and 5671 free")
+
+
+def parse_eventhub_banner(log_text: str, address: str) -> Optional[str]:
+    """The Event Hub-compatible connection string from the start-up banner, with the host
+    replaced by `address` (the banner names the hub's host name, `localhost`; the tests reach
+    the emulator on its bind address, which the certificate also covers). None when the banner
+    has no such line (an emulator without AMQP)."""
+    at = log_text.find(EVENTHUB_BANNER)
+    if at < 0:
+        return None
+    # The connection string follows on the same line or on the next one.
+    match = re.search(r"Endpoint=sb://\S+", log_text[at:])
+    if match is None:
+        return None
+    rest = match.group(0)
+    fields = dict(part.split("=", 1) for part in rest.split(";") if "=" in part)
+    needed = ("Endpoint", "SharedAccessKeyName", "SharedAccessKey", "EntityPath")
+    if not all(fields.get(k) for k in needed):
+        return None
+    return (
+        f"Endpoint=sb://{address}/;SharedAccessKeyName={fields['SharedAccessKeyName']};"
+        f"SharedAccessKey={fields['SharedAccessKey']};EntityPath={fields['EntityPath']}"
+    )
 
 
 @dataclass
@@ -114,6 +144,18 @@ class Emulator:
     def base_url(self) -> str:
         return f"https://{self.address}"
 
+    @property
+    def eventhub_connection_string(self) -> str:
+        """`Endpoint=sb://127.0.0.X/;SharedAccessKeyName=iothubowner;SharedAccessKey=...;EntityPath=...`,
+        built from the banner's `Event Hub-compatible endpoint:` line and the bind address."""
+        value = parse_eventhub_banner(self.log_path.read_text(errors="replace"), self.address)
+        if value is None:
+            raise AssertionError(
+                f"the emulator printed no '{EVENTHUB_BANNER} Endpoint=sb://...;EntityPath=...' line "
+                f"(log {self.log_path})"
+            )
+        return value
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def log_tail(self, lines: int = 60) -> str:
@@ -145,7 +187,7 @@ def emulator_binary(binary: Optional[Path] = None) -> Path:
 
 
 def pick_address() -> str:
-    """A spare 127.0.0.X where both 443 and 8883 can be bound right now."""
+    """A spare 127.0.0.X where 443, 8883 and 5671 can be bound right now."""
     return _pick_address(random.SystemRandom())
 
 
@@ -159,7 +201,7 @@ def start_emulator(
     certs_dir: Optional[Path] = None,
     log_suffix: str = "",
 ) -> Emulator:
-    """Start the emulator on a spare 127.0.0.X with its default ports (443 and 8883).
+    """Start the emulator on a spare 127.0.0.X with its default ports (443, 8883 and 5671).
 
     The emulator's stdout/stderr go to a log file under e2e/logs/ (kept for debugging);
     readiness is the `iothub-emulator ready` line appearing there.

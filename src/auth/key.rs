@@ -48,6 +48,15 @@ impl SymmetricKey {
         self.text.clone()
     }
 
+    /// The key Service Bus and Event Hubs sign with: the UTF-8 bytes of the base64 text, not
+    /// the decoded bytes (`shared/protocol-amqp.md`, trap 6).
+    pub fn as_text_key(&self) -> Self {
+        Self {
+            bytes: self.text.as_bytes().to_vec(),
+            text: self.text.clone(),
+        }
+    }
+
     /// HMAC-SHA256 of `message` under this key, base64-encoded.
     pub fn sign(&self, message: &str) -> String {
         let mut mac =

@@ -123,6 +123,13 @@ impl SasToken {
         format!("{}\n{}", self.sr_raw, self.expiry)
     }
 
+    /// Whether `sr` is a Service Bus URI (`sb://…`, as the Event Hubs SDKs write it for the
+    /// Event Hub-compatible endpoint), whose tokens are signed with the key's base64 text.
+    pub fn is_service_bus_style(&self) -> bool {
+        let sr = self.sr_raw.to_ascii_lowercase();
+        sr.starts_with("sb://") || sr.starts_with("sb%3a%2f%2f")
+    }
+
     /// Whether `key` produced this token's signature (constant-time).
     pub fn is_signed_by(&self, key: &SymmetricKey) -> bool {
         key.verify(&self.string_to_sign(), &self.signature)
@@ -144,6 +151,7 @@ impl SasToken {
         let decoded = decoded
             .strip_prefix("https://")
             .or_else(|| decoded.strip_prefix("amqps://"))
+            .or_else(|| decoded.strip_prefix("sb://"))
             .unwrap_or(&decoded);
         let (host, path) = decoded.split_once('/').unwrap_or((decoded, ""));
         let host = strip_port(host).to_ascii_lowercase();

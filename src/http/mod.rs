@@ -40,6 +40,8 @@ pub fn router(hub: Hub) -> Router {
         ));
     Router::new()
         .route("/$iothub/websocket", get(websocket))
+        .route("/$servicebus/websocket", get(servicebus_websocket))
+        .route("/$servicebus/websocket/", get(servicebus_websocket))
         .merge(control::open_routes())
         .merge(crate::portal::routes())
         .merge(service)
@@ -83,13 +85,78 @@ async fn log_request(
     response
 }
 
-/// `GET /$iothub/websocket` with `Sec-WebSocket-Protocol: mqtt`: MQTT over WebSockets.
+/// The WebSocket subprotocol of AMQP over WebSockets.
+const AMQP_WS_PROTOCOL: &str = "AMQPWSB10";
+
+/// `GET /$iothub/websocket`: MQTT (`Sec-WebSocket-Protocol: mqtt`) or AMQP (`AMQPWSB10`) over
+/// WebSockets. A client that names no known subprotocol gets MQTT.
 async fn websocket(State(hub): State<Hub>, upgrade: WebSocketUpgrade) -> Response {
+    let upgrade = upgrade
+        .protocols(["mqtt", AMQP_WS_PROTOCOL])
+        .max_message_size(crate::mqtt::MAX_PACKET_BYTES + 16);
+    if upgrade
+        .selected_protocol()
+        .is_some_and(|p| p.as_bytes() == AMQP_WS_PROTOCOL.as_bytes())
+    {
+        return upgrade
+            .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket))
+            .into_response();
+    }
     upgrade
-        .protocols(["mqtt"])
-        .max_message_size(crate::mqtt::MAX_PACKET_BYTES + 16)
         .on_upgrade(move |socket| crate::mqtt::serve_websocket(hub, socket))
         .into_response()
+}
+
+/// `GET /$servicebus/websocket`: AMQP over WebSockets as the Service Bus and Event Hubs SDKs
+/// open it (uamqp, pyamqp).
+async fn servicebus_websocket(State(hub): State<Hub>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .protocols([AMQP_WS_PROTOCOL])
+        .max_message_size(crate::mqtt::MAX_PACKET_BYTES + 16)
+        .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket))
+        .into_response()
+}
+
+/// Carries a byte-stream protocol over an upgraded WebSocket: binary frames in both directions,
+/// bridged through a pipe to `run`, the same connection code the TLS listeners use.
+pub async fn bridge_websocket<F, Fut>(mut socket: axum::extract::ws::WebSocket, run: F)
+where
+    F: FnOnce(tokio::io::DuplexStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use axum::extract::ws::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (session_end, bridge_end) = tokio::io::duplex(64 * 1024);
+    let session = tokio::spawn(run(session_end));
+    let (mut from_session, mut to_session) = tokio::io::split(bridge_end);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            frame = socket.recv() => match frame {
+                Some(Ok(Message::Binary(data))) => {
+                    if to_session.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                // Text frames carry neither protocol; anything else ends the connection.
+                Some(Ok(Message::Text(_) | Message::Close(_)) | Err(_)) | None => break,
+            },
+            n = from_session.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    // Closing the pipe's write side gives the session end-of-stream, so it ends too.
+    let _ = to_session.shutdown().await;
+    drop((to_session, from_session));
+    let _ = socket.send(Message::Close(None)).await;
+    let _ = session.await;
 }
 
 /// Serves HTTPS on `listener` until `shutdown` resolves.

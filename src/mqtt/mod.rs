@@ -10,8 +10,7 @@ pub mod topic;
 
 use crate::hub::Hub;
 use crate::tls::ClientCertInfo;
-use axum::extract::ws::{Message, WebSocket};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::extract::ws::WebSocket;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -37,38 +36,10 @@ pub async fn serve(
     .await;
 }
 
-/// Serves MQTT over an upgraded WebSocket: binary frames carry the MQTT byte stream. A pipe
-/// bridges frames to the same session code the TLS listener uses.
-pub async fn serve_websocket(hub: Hub, mut socket: WebSocket) {
-    let (session_end, bridge_end) = tokio::io::duplex(64 * 1024);
-    let session = tokio::spawn(session::run(hub, session_end, None, "websocket".to_owned()));
-    let (mut from_session, mut to_session) = tokio::io::split(bridge_end);
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        tokio::select! {
-            frame = socket.recv() => match frame {
-                Some(Ok(Message::Binary(data))) => {
-                    if to_session.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                // Text frames are not MQTT; anything else ends the connection.
-                Some(Ok(Message::Text(_) | Message::Close(_)) | Err(_)) | None => break,
-            },
-            n = from_session.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        break;
-                    }
-                }
-            },
-        }
-    }
-    // Closing the pipe's write side gives the session end-of-stream, so it ends too.
-    let _ = to_session.shutdown().await;
-    drop((to_session, from_session));
-    let _ = socket.send(Message::Close(None)).await;
-    let _ = session.await;
+/// Serves MQTT over an upgraded WebSocket, with the same session code the TLS listener uses.
+pub async fn serve_websocket(hub: Hub, socket: WebSocket) {
+    crate::http::bridge_websocket(socket, move |stream| {
+        session::run(hub, stream, None, "websocket".to_owned())
+    })
+    .await;
 }

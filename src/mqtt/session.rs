@@ -411,8 +411,11 @@ impl<'h> Session<'h> {
             // The device completed a cloud-to-device message.
             Packet::PubAck(ack) => {
                 if let Some(token) = self.in_flight.remove(&ack.pkid) {
-                    Metrics::count(&self.hub.metrics().c2d_completed);
-                    self.hub.registry().complete_c2d(&self.key.device_id, token);
+                    self.hub.settle_c2d(
+                        &self.key.device_id,
+                        token,
+                        crate::c2d::Settlement::Completed,
+                    );
                 }
             }
             Packet::Disconnect => return Ok(false),

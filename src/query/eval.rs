@@ -27,19 +27,36 @@ use std::collections::HashMap;
 /// An evaluated expression; `None` is undefined.
 pub(crate) type Val<'a> = Option<Cow<'a, Value>>;
 
+/// What a condition reads a twin through. A JSON row (`Value`) is one; the registry also reads
+/// stored twins in place through it, so a scan need not build a row for a twin that does not
+/// match. Every implementation must answer as the twin's JSON row would.
+pub trait Row {
+    /// The value at `path` (property names resolved exactly first, then ignoring ASCII case),
+    /// or `None` when it is undefined.
+    fn value_at(&self, path: &[String]) -> Option<Cow<'_, Value>>;
+}
+
+impl Row for Value {
+    fn value_at(&self, path: &[String]) -> Option<Cow<'_, Value>> {
+        lookup_segments(self, path).map(|(_, v)| Cow::Borrowed(v))
+    }
+}
+
+/// Whether `row` passes `filter` (true when there is none).
+pub(crate) fn passes<R: Row + ?Sized>(filter: Option<&Expr>, row: &R) -> bool {
+    filter.is_none_or(|f| matches!(eval(f, row).as_deref(), Some(Value::Bool(true))))
+}
+
 /// Whether `row` passes the WHERE clause (true when there is none).
 pub(crate) fn matches(query: &Query, row: &Value) -> bool {
-    query
-        .filter
-        .as_ref()
-        .is_none_or(|f| matches!(eval(f, row).as_deref(), Some(Value::Bool(true))))
+    passes(query.filter.as_ref(), row)
 }
 
 /// Evaluates one expression against one row.
-pub(crate) fn eval<'a>(expr: &'a Expr, row: &'a Value) -> Val<'a> {
+pub(crate) fn eval<'a, R: Row + ?Sized>(expr: &'a Expr, row: &'a R) -> Val<'a> {
     match expr {
         Expr::Const(c) => c.as_ref().map(Cow::Borrowed),
-        Expr::Path(p) => lookup(row, p).map(|(_, v)| Cow::Borrowed(v)),
+        Expr::Path(p) => row.value_at(&p.0),
         // Undefined elements are left out of a constructed array, as in Cosmos DB.
         Expr::Array(items) => Some(Cow::Owned(Value::Array(
             items
@@ -81,7 +98,7 @@ pub(crate) fn eval<'a>(expr: &'a Expr, row: &'a Value) -> Val<'a> {
 
 /// `AND` (`short = false`) or `OR` (`short = true`): the short-circuit value wins; otherwise
 /// any undefined or non-Boolean term makes the result undefined.
-fn logic(terms: &[Expr], row: &Value, short: bool) -> Val<'static> {
+fn logic<R: Row + ?Sized>(terms: &[Expr], row: &R, short: bool) -> Val<'static> {
     let mut undefined = false;
     for term in terms {
         match as_bool(&eval(term, row)) {
@@ -95,17 +112,35 @@ fn logic(terms: &[Expr], row: &Value, short: bool) -> Val<'static> {
 
 /// Resolves a path: the key it matched (as spelled in the document) and the value.
 pub(crate) fn lookup<'a>(row: &'a Value, path: &Path) -> Option<(&'a str, &'a Value)> {
-    let mut current = row;
-    let mut key = "";
-    for segment in &path.0 {
-        let object = current.as_object()?;
-        let (k, v) = object
-            .get_key_value(segment.as_str())
-            .or_else(|| object.iter().find(|(k, _)| k.eq_ignore_ascii_case(segment)))?;
-        key = k;
-        current = v;
+    lookup_segments(row, &path.0)
+}
+
+/// [`lookup`] by segments; no segments is the value itself, under an empty key.
+fn lookup_segments<'a>(value: &'a Value, segments: &[String]) -> Option<(&'a str, &'a Value)> {
+    let mut found = ("", value);
+    for segment in segments {
+        found = entry(found.1.as_object()?, segment)?;
     }
-    Some((key, current))
+    Some(found)
+}
+
+/// One property of an object: the exact name first, else the first name equal ignoring ASCII
+/// case (in document order).
+fn entry<'a>(object: &'a Map<String, Value>, name: &str) -> Option<(&'a str, &'a Value)> {
+    object
+        .get_key_value(name)
+        .or_else(|| object.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)))
+        .map(|(k, v)| (k.as_str(), v))
+}
+
+/// The value at `segments` inside `object`, resolved as a query resolves property paths; the
+/// whole object (copied) for no segments. For rows read in place (see [`Row`]).
+pub fn value_in<'a>(object: &'a Map<String, Value>, segments: &[String]) -> Option<Cow<'a, Value>> {
+    let Some((first, rest)) = segments.split_first() else {
+        return Some(Cow::Owned(Value::Object(object.clone())));
+    };
+    let (_, child) = entry(object, first)?;
+    lookup_segments(child, rest).map(|(_, v)| Cow::Borrowed(v))
 }
 
 /// Compares two primitives; `None` (undefined) across types or for objects and arrays.

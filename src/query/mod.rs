@@ -62,6 +62,7 @@ mod parser;
 
 use crate::twin::RowShape;
 pub use ast::{Query, Source};
+pub use eval::{value_in, Row};
 
 /// Every property path in an expression.
 fn collect_paths<'a>(expr: &'a ast::Expr, out: &mut Vec<&'a ast::Path>) {
@@ -92,19 +93,48 @@ fn collect_paths<'a>(expr: &'a ast::Expr, out: &mut Vec<&'a ast::Path>) {
 /// fallback does.
 fn shape_of(paths: &[&ast::Path]) -> RowShape {
     let root = |p: &ast::Path| p.0.first().map(|s| s.to_ascii_lowercase());
-    let properties = paths
+    let under_properties: Vec<&ast::Path> = paths
         .iter()
-        .any(|p| root(p).as_deref() == Some("properties"));
+        .copied()
+        .filter(|p| root(p).as_deref() == Some("properties"))
+        .collect();
     RowShape {
         identity: paths
             .iter()
             .any(|p| !matches!(root(p).as_deref(), Some("tags" | "properties"))),
         tags: paths.iter().any(|p| root(p).as_deref() == Some("tags")),
-        properties,
-        metadata: properties
-            && paths
-                .iter()
-                .any(|p| p.0.iter().any(|s| s.eq_ignore_ascii_case("$metadata"))),
+        properties: !under_properties.is_empty(),
+        // `$metadata` is in the row for a path that names it, and for one that reads a whole
+        // section (`properties.reported`) or all properties: their value includes it.
+        metadata: under_properties
+            .iter()
+            .any(|p| p.0.len() <= 2 || p.0.iter().any(|s| s.eq_ignore_ascii_case("$metadata"))),
+    }
+}
+
+/// How a scan over twins reads them for one query: the WHERE clause, which the scan checks on
+/// each stored twin in place (through [`Row`]) before it builds anything, and the parts of the
+/// row to build for the twins that pass.
+#[derive(Debug, Clone, Copy)]
+pub struct RowPlan<'q> {
+    pub shape: RowShape,
+    filter: Option<&'q ast::Expr>,
+}
+
+impl RowPlan<'_> {
+    /// Every twin, rows of `shape`.
+    pub fn all(shape: RowShape) -> RowPlan<'static> {
+        RowPlan {
+            shape,
+            filter: None,
+        }
+    }
+
+    /// Whether a twin passes the WHERE clause. `twin` must answer as the twin's row of
+    /// `self.shape` would: with `$metadata` in the property sections only when
+    /// `self.shape.metadata` is set.
+    pub fn admits<R: Row + ?Sized>(&self, twin: &R) -> bool {
+        eval::passes(self.filter, twin)
     }
 }
 
@@ -147,18 +177,30 @@ impl Query {
         matches!(self.select, ast::Select::All)
     }
 
-    /// The parts of a twin row the WHERE clause reads.
-    pub fn filter_shape(&self) -> RowShape {
+    /// A scan that checks the WHERE clause and builds rows with only the parts it reads.
+    pub fn filter_shape(&self) -> RowPlan<'_> {
         let mut paths = Vec::new();
         if let Some(f) = &self.filter {
             collect_paths(f, &mut paths);
         }
-        shape_of(&paths)
+        self.plan(shape_of(&paths))
     }
 
-    /// The parts of a twin row the query reads anywhere (WHERE, SELECT, GROUP BY); the whole
-    /// row for `SELECT *`.
-    pub fn row_shape(&self) -> RowShape {
+    /// A scan that checks the WHERE clause and builds rows with the parts the query reads
+    /// anywhere (WHERE, SELECT, GROUP BY); the whole row for `SELECT *`.
+    pub fn row_shape(&self) -> RowPlan<'_> {
+        self.plan(self.read_shape())
+    }
+
+    fn plan(&self, shape: RowShape) -> RowPlan<'_> {
+        RowPlan {
+            shape,
+            filter: self.filter.as_ref(),
+        }
+    }
+
+    /// The parts of a twin row the query reads anywhere.
+    fn read_shape(&self) -> RowShape {
         let ast::Select::Items(items) = &self.select else {
             return RowShape::FULL;
         };
@@ -219,7 +261,7 @@ mod shape_tests {
     fn rows_are_only_as_heavy_as_the_query_reads() {
         let q = parse("SELECT * FROM devices WHERE tags.x = 'y'").unwrap();
         assert_eq!(
-            q.filter_shape(),
+            q.filter_shape().shape,
             RowShape {
                 identity: false,
                 tags: true,
@@ -227,13 +269,13 @@ mod shape_tests {
                 metadata: false
             }
         );
-        assert_eq!(q.row_shape(), RowShape::FULL);
+        assert_eq!(q.row_shape().shape, RowShape::FULL);
         let q = parse(
             "SELECT DeviceId FROM devices WHERE properties.reported.$metadata.fw.$lastUpdated > '2020'",
         )
         .unwrap();
         assert_eq!(
-            q.row_shape(),
+            q.row_shape().shape,
             RowShape {
                 identity: true,
                 tags: false,
@@ -241,9 +283,26 @@ mod shape_tests {
                 metadata: true
             }
         );
+        // A whole section's value includes its `$metadata`; one property's does not.
+        for (text, metadata) in [
+            ("SELECT properties.reported FROM devices", true),
+            ("SELECT * FROM devices WHERE is_object(properties)", true),
+            (
+                "SELECT * FROM devices WHERE properties.reported.fw = '1'",
+                false,
+            ),
+        ] {
+            let q = parse(text).unwrap();
+            let plan = if q.is_select_star() {
+                q.filter_shape()
+            } else {
+                q.row_shape()
+            };
+            assert_eq!(plan.shape.metadata, metadata, "{text}");
+        }
         let q = parse("SELECT COUNT() AS n FROM devices.modules GROUP BY tags.site").unwrap();
         assert_eq!(
-            q.row_shape(),
+            q.row_shape().shape,
             RowShape {
                 identity: false,
                 tags: true,

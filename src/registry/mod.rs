@@ -17,11 +17,14 @@ pub use identity::{Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
 
 use crate::c2d::{self, CloudMessage};
 use crate::error::{ErrorCode, HubError, HubResult};
+use crate::query::{Row, RowPlan};
 use crate::store::Store;
 use crate::timestamp::Timestamp;
-use crate::twin::{RowShape, Twin};
+use crate::twin::{RowShape, Section, Twin};
 use dashmap::DashMap;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet, VecDeque};
 use std::fmt;
@@ -135,8 +138,9 @@ pub struct DeviceStats {
 /// The registry: shared by the REST API (writes identities and desired twins) and the device
 /// front ends (read credentials, write reported properties and presence).
 pub struct Registry {
-    /// One record per device; see the module docs for the locking rules.
-    devices: DashMap<String, Arc<Mutex<DeviceRecord>>>,
+    /// One record per device; see the module docs for the locking rules. Ids are shared
+    /// (`Arc<str>`) so that a scan can order them without copying each one.
+    devices: DashMap<Arc<str>, Arc<Mutex<DeviceRecord>>>,
     /// Source of identity etags; a global atomic, not a lock.
     etag_seq: AtomicU64,
     /// Source of cloud-to-device lock tokens.
@@ -178,7 +182,9 @@ impl Registry {
             }
             max_etag = max_etag.max(etags.into_iter().max().unwrap_or(0));
             max_token = max_token.max(record.c2d.iter().map(|m| m.lock_token).max().unwrap_or(0));
-            registry.devices.insert(id, Arc::new(Mutex::new(record)));
+            registry
+                .devices
+                .insert(id.into(), Arc::new(Mutex::new(record)));
         }
         registry.etag_seq = AtomicU64::new(max_etag + 1);
         registry.c2d_seq = AtomicU64::new(max_token + 1);
@@ -264,7 +270,7 @@ impl Registry {
         identity::validate_id(device_id, "Device id")?;
         if *if_match == IfMatch::Absent {
             let spec = DeviceSpec::from_json(device_id, body, None)?;
-            return match self.devices.entry(device_id.to_owned()) {
+            return match self.devices.entry(device_id.into()) {
                 dashmap::Entry::Occupied(_) => Err(HubError::new(
                     ErrorCode::DeviceAlreadyExists,
                     format!("A device with ID '{device_id}' is already registered"),
@@ -303,10 +309,10 @@ impl Registry {
 
     /// All devices, ordered by id, at most `top`.
     pub fn list_devices(&self, top: usize) -> Vec<Value> {
-        let mut records: Vec<(String, Arc<Mutex<DeviceRecord>>)> = self
+        let mut records: Vec<(Arc<str>, Arc<Mutex<DeviceRecord>>)> = self
             .devices
             .iter()
-            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .map(|e| (Arc::clone(e.key()), Arc::clone(e.value())))
             .collect();
         records.sort_by(|a, b| a.0.cmp(&b.0));
         records
@@ -529,16 +535,17 @@ impl Registry {
         )
     }
 
-    /// Twin rows (the `GET /twins` JSON, only as heavy as `shape` asks) in identity order,
-    /// starting after `after`, fed to `visit` until it returns `false`. Devices are locked one
-    /// at a time and only while their rows are built, so a query over many twins never blocks
-    /// twin updates for long. `modules` picks module twins (`FROM devices.modules`) instead of
-    /// device twins.
+    /// Twin rows (the `GET /twins` JSON, only as heavy as `plan.shape` asks) of the twins that
+    /// pass the plan's condition, in identity order, starting after `after`, fed to `visit`
+    /// until it returns `false`. The condition is checked on each stored twin in place, so a
+    /// twin that does not match costs no copy at all. Devices are locked one at a time and only
+    /// while they are read, so a query over many twins never blocks twin updates for long.
+    /// `modules` picks module twins (`FROM devices.modules`) instead of device twins.
     pub fn scan_twins(
         &self,
         modules: bool,
         after: Option<&IdentityKey>,
-        shape: RowShape,
+        plan: RowPlan<'_>,
         mut visit: impl FnMut(IdentityKey, Value) -> bool,
     ) {
         // Ids in order from `after` on, without sorting them all: a heap yields them one by one,
@@ -546,12 +553,12 @@ impl Registry {
         let ids: Vec<Reverse<ScanEntry>> = self
             .devices
             .iter()
-            .filter(|e| after.is_none_or(|a| *e.key() >= a.device_id))
-            .map(|e| Reverse(ScanEntry(e.key().clone(), Arc::clone(e.value()))))
+            .filter(|e| after.is_none_or(|a| **e.key() >= *a.device_id))
+            .map(|e| Reverse(ScanEntry(Arc::clone(e.key()), Arc::clone(e.value()))))
             .collect();
         let mut ids = BinaryHeap::from(ids);
-        while let Some(Reverse(ScanEntry(device_id, record))) = ids.pop() {
-            for (key, row) in rows_of(&record, &device_id, modules, after, shape) {
+        while let Some(Reverse(ScanEntry(_, record))) = ids.pop() {
+            for (key, row) in rows_of(&record, modules, after, plan) {
                 if !visit(key, row) {
                     return;
                 }
@@ -562,15 +569,15 @@ impl Registry {
     /// Like [`scan_twins`](Self::scan_twins) over every twin, for aggregates: they need every
     /// row, so one sort up front is cheaper than a heap; identity order keeps GROUP BY output
     /// stable.
-    pub fn scan_all_twins(&self, modules: bool, shape: RowShape, mut visit: impl FnMut(Value)) {
-        let mut records: Vec<(String, Arc<Mutex<DeviceRecord>>)> = self
+    pub fn scan_all_twins(&self, modules: bool, plan: RowPlan<'_>, mut visit: impl FnMut(Value)) {
+        let mut records: Vec<(Arc<str>, Arc<Mutex<DeviceRecord>>)> = self
             .devices
             .iter()
-            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .map(|e| (Arc::clone(e.key()), Arc::clone(e.value())))
             .collect();
         records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (device_id, record) in records {
-            for (_, row) in rows_of(&record, &device_id, modules, None, shape) {
+        for (_, record) in records {
+            for (_, row) in rows_of(&record, modules, None, plan) {
                 visit(row);
             }
         }
@@ -615,17 +622,45 @@ impl Registry {
         .unwrap_or_default()
     }
 
-    /// The device completed (acknowledged) a message: it leaves the queue.
-    pub fn complete_c2d(&self, device_id: &str, lock_token: u64) {
-        let _ = self.change_device(
+    /// The device completed (acknowledged) or rejected a message: it leaves the queue.
+    /// Returns the message, if it was still there.
+    pub fn complete_c2d(&self, device_id: &str, lock_token: u64) -> Option<CloudMessage> {
+        self.change_device(
             device_id,
             |rec| {
-                rec.c2d.retain(|m| m.lock_token != lock_token);
+                let at = rec.c2d.iter().position(|m| m.lock_token == lock_token);
+                let removed = at.and_then(|i| rec.c2d.remove(i));
                 rec.device.common.c2d_count = rec.c2d.len() as u32;
-                Ok(())
+                Ok(removed)
             },
-            |()| {},
-        );
+            |_| {},
+        )
+        .ok()
+        .flatten()
+    }
+
+    /// The device abandoned a message: it stays queued for another delivery, unless it has
+    /// now been delivered [`c2d::MAX_DELIVERY_COUNT`] times, when it leaves the queue and is
+    /// returned (dead-lettered).
+    pub fn abandon_c2d(&self, device_id: &str, lock_token: u64) -> Option<CloudMessage> {
+        self.change_device(
+            device_id,
+            |rec| {
+                let Some(at) = rec.c2d.iter().position(|m| m.lock_token == lock_token) else {
+                    return Ok(None);
+                };
+                rec.c2d[at].delivery_count += 1;
+                if rec.c2d[at].delivery_count < c2d::MAX_DELIVERY_COUNT {
+                    return Ok(None);
+                }
+                let removed = rec.c2d.remove(at);
+                rec.device.common.c2d_count = rec.c2d.len() as u32;
+                Ok(removed)
+            },
+            |_| {},
+        )
+        .ok()
+        .flatten()
     }
 
     /// Forgets every identity (hub reset).
@@ -736,35 +771,44 @@ fn etag_number(etag: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The twin rows of one device record (its own, or its modules'), after `after`.
+/// The twin rows of one device record (its own, or its modules'), after `after`, of the twins
+/// that pass `plan`'s condition.
 fn rows_of(
     record: &Mutex<DeviceRecord>,
-    device_id: &str,
     modules: bool,
     after: Option<&IdentityKey>,
-    shape: RowShape,
+    plan: RowPlan<'_>,
 ) -> Vec<(IdentityKey, Value)> {
-    let mut rec = lock(record);
+    let rec = lock(record);
     if rec.deleted {
         return Vec::new();
     }
-    let keys: Vec<IdentityKey> = if modules {
-        rec.modules
-            .keys()
-            .map(|m| IdentityKey::module(device_id, m.clone()))
-            .collect()
-    } else {
-        vec![IdentityKey::device(device_id)]
-    };
-    keys.into_iter()
-        .filter(|k| after.is_none_or(|a| k > a))
-        .filter_map(|k| twin_row(&mut rec, &k, shape).ok().map(|t| (k, t)))
+    let device = &rec.device;
+    let own = (!modules).then_some((None, &rec.twin));
+    let of_modules = modules.then(|| rec.modules.values().map(|m| (Some(&m.module), &m.twin)));
+    own.into_iter()
+        .chain(of_modules.into_iter().flatten())
+        .filter(|(module, _)| {
+            let id = (
+                device.device_id.as_str(),
+                module.map(|m| m.module_id.as_str()),
+            );
+            after.is_none_or(|a| id > (a.device_id.as_str(), a.module_id.as_deref()))
+        })
+        .filter(|(module, twin)| plan.admits(&TwinView::new(device, *module, twin, plan.shape)))
+        .map(|(module, twin)| {
+            let key = match module {
+                None => IdentityKey::device(device.device_id.clone()),
+                Some(m) => IdentityKey::module(device.device_id.clone(), m.module_id.clone()),
+            };
+            (key, twin_row(device, module, twin, plan.shape))
+        })
         .collect()
 }
 
 /// A device in a scan's heap: ordered by id, carrying its record so the scan need not look it
 /// up again.
-struct ScanEntry(String, Arc<Mutex<DeviceRecord>>);
+struct ScanEntry(Arc<str>, Arc<Mutex<DeviceRecord>>);
 
 impl PartialEq for ScanEntry {
     fn eq(&self, other: &Self) -> bool {
@@ -822,41 +866,173 @@ fn common_of<'a>(
 }
 
 /// The full service-side twin JSON: identity fields plus the document.
-fn twin_json(rec: &mut DeviceRecord, key: &IdentityKey) -> HubResult<Value> {
-    twin_row(rec, key, RowShape::FULL)
-}
-
-/// The twin JSON with only the heavy parts `shape` asks for.
-fn twin_row(rec: &mut DeviceRecord, key: &IdentityKey, shape: RowShape) -> HubResult<Value> {
-    let mut out = Map::new();
-    let twin = match &key.module_id {
-        None if shape.identity => {
-            rec.device.write_twin_fields(&mut out);
-            &rec.twin
-        }
-        None => {
-            out.insert("deviceId".into(), Value::String(key.device_id.clone()));
-            &rec.twin
-        }
+fn twin_json(rec: &DeviceRecord, key: &IdentityKey) -> HubResult<Value> {
+    let (module, twin) = match &key.module_id {
+        None => (None, &rec.twin),
         Some(m) => {
             let record = rec
                 .modules
                 .get(m)
                 .ok_or_else(|| HubError::module_not_found(&key.device_id, m))?;
-            if shape.identity {
-                record.module.write_twin_fields(&rec.device, &mut out);
-            } else {
-                out.insert("deviceId".into(), Value::String(key.device_id.clone()));
-                out.insert("moduleId".into(), Value::String(m.clone()));
-            }
-            &record.twin
+            (Some(&record.module), &record.twin)
         }
     };
+    Ok(twin_row(&rec.device, module, twin, RowShape::FULL))
+}
+
+/// The twin JSON of a device (`module` None) or module twin with only the heavy parts `shape`
+/// asks for. The ids are always there.
+fn twin_row(device: &Device, module: Option<&Module>, twin: &Twin, shape: RowShape) -> Value {
+    let mut out = Map::new();
     if shape.identity {
-        out.insert("modelId".into(), Value::String(twin.model_id.clone()));
+        write_identity(device, module, twin, &mut out);
+    } else {
+        out.insert("deviceId".into(), Value::String(device.device_id.clone()));
+        if let Some(m) = module {
+            out.insert("moduleId".into(), Value::String(m.module_id.clone()));
+        }
     }
-    twin.write_fields(&mut out, shape);
-    Ok(Value::Object(out))
+    twin.write_fields(
+        &mut out,
+        RowShape {
+            identity: false,
+            ..shape
+        },
+    );
+    Value::Object(out)
+}
+
+/// The identity part of a twin's JSON: every field before `tags`, in the row's order.
+fn write_identity(
+    device: &Device,
+    module: Option<&Module>,
+    twin: &Twin,
+    out: &mut Map<String, Value>,
+) {
+    match module {
+        None => device.write_twin_fields(out),
+        Some(m) => m.write_twin_fields(device, out),
+    }
+    out.insert("modelId".into(), Value::String(twin.model_id.clone()));
+    twin.write_fields(
+        out,
+        RowShape {
+            identity: true,
+            tags: false,
+            properties: false,
+            metadata: false,
+        },
+    );
+}
+
+/// A stored twin as a query's condition reads it: paths resolve exactly as in the row
+/// [`twin_row`] builds for the same shape (same keys, same order for the case-insensitive
+/// fallback), without building it. Tags and properties are read where they are stored;
+/// identity fields are built once, and only for a path that reads them.
+struct TwinView<'a> {
+    device: &'a Device,
+    module: Option<&'a Module>,
+    twin: &'a Twin,
+    /// Whether the property sections carry `$metadata` (as in a row of a shape with metadata).
+    metadata: bool,
+    identity: OnceCell<Value>,
+}
+
+impl<'a> TwinView<'a> {
+    fn new(
+        device: &'a Device,
+        module: Option<&'a Module>,
+        twin: &'a Twin,
+        shape: RowShape,
+    ) -> Self {
+        Self {
+            device,
+            module,
+            twin,
+            metadata: shape.metadata,
+            identity: OnceCell::new(),
+        }
+    }
+
+    /// A path under `properties`.
+    fn properties(&self, path: &[String]) -> Option<Cow<'_, Value>> {
+        let Some((name, rest)) = path.split_first() else {
+            return Some(Cow::Owned(serde_json::json!({
+                "desired": self.section_json(&self.twin.desired),
+                "reported": self.section_json(&self.twin.reported),
+            })));
+        };
+        let section = if name.eq_ignore_ascii_case("desired") {
+            &self.twin.desired
+        } else if name.eq_ignore_ascii_case("reported") {
+            &self.twin.reported
+        } else {
+            return None;
+        };
+        self.section(section, rest)
+    }
+
+    /// A path inside one properties section. In the row, `$metadata` and `$version` follow the
+    /// properties (whose names never contain `$`), so they win on an exact match and lose on a
+    /// case-insensitive one.
+    fn section<'s>(&self, section: &'s Section, path: &[String]) -> Option<Cow<'s, Value>> {
+        let Some((name, rest)) = path.split_first() else {
+            return Some(Cow::Owned(self.section_json(section)));
+        };
+        let special = |exact: bool| {
+            let is = |wanted: &str| {
+                if exact {
+                    name == wanted
+                } else {
+                    name.eq_ignore_ascii_case(wanted)
+                }
+            };
+            if self.metadata && is("$metadata") {
+                Some(Cow::Owned(
+                    section.metadata_json().value_at(rest)?.into_owned(),
+                ))
+            } else if is("$version") && rest.is_empty() {
+                Some(Cow::Owned(Value::from(section.version())))
+            } else {
+                None
+            }
+        };
+        special(true)
+            .or_else(|| crate::query::value_in(section.properties(), path))
+            .or_else(|| special(false))
+    }
+
+    fn section_json(&self, section: &Section) -> Value {
+        if self.metadata {
+            section.to_service_json()
+        } else {
+            section.to_device_json()
+        }
+    }
+}
+
+impl Row for TwinView<'_> {
+    fn value_at(&self, path: &[String]) -> Option<Cow<'_, Value>> {
+        let (root, rest) = path.split_first()?;
+        // No identity field's name equals `tags` or `properties` even ignoring case, so these
+        // two resolve the same with or without the exact-match-first rule.
+        if root.eq_ignore_ascii_case("tags") {
+            let tags = self.twin.tags();
+            // An empty `tags` is left out of the row.
+            return (!tags.is_empty())
+                .then(|| crate::query::value_in(tags, rest))
+                .flatten();
+        }
+        if root.eq_ignore_ascii_case("properties") {
+            return self.properties(rest);
+        }
+        let identity = self.identity.get_or_init(|| {
+            let mut out = Map::new();
+            write_identity(self.device, self.module, self.twin, &mut out);
+            Value::Object(out)
+        });
+        identity.value_at(path)
+    }
 }
 
 #[cfg(test)]
@@ -980,5 +1156,125 @@ mod tests {
         let twin = reg.get_twin(&key).unwrap();
         assert_eq!(twin["properties"]["reported"]["fw"], "2");
         assert!(twin["properties"]["reported"]["$metadata"]["fw"]["$lastUpdated"].is_string());
+    }
+
+    /// A registry with one device with tags and properties, one module of it, and one bare
+    /// device.
+    fn scan_fixture() -> Registry {
+        let reg = Registry::new(50);
+        for d in ["d1", "d2"] {
+            reg.put_device(d, &Map::new(), &IfMatch::Absent).unwrap();
+        }
+        reg.put_module("d1", "m", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        for key in [IdentityKey::device("d1"), IdentityKey::module("d1", "m")] {
+            let patch = json!({
+                "tags": {"x": "y", "Loc": {"Region": "eu", "floor": 3}, "loc": {"region": "us"},
+                         "list": [1, {"a": 1}]},
+                "properties": {"desired": {"mode": "eco", "cfg": {"a": 1, "b": null}}}
+            });
+            reg.patch_twin(&key, &obj(patch), &IfMatch::Any, |_| {})
+                .unwrap();
+            reg.patch_reported(&key, &obj(json!({"fw": "1.2", "t": 21.5, "Mode": "on"})))
+                .unwrap();
+        }
+        reg.set_connected(&IdentityKey::device("d1"), true, Some("dtmi:x;1"));
+        reg
+    }
+
+    #[test]
+    fn conditions_read_the_stored_twin_as_they_read_its_row() {
+        let reg = scan_fixture();
+        let filters = [
+            "tags.x = 'y'",
+            "Tags.X = 'y'",
+            "tags.loc.region = 'us'",
+            "tags.LOC.region = 'eu'",
+            "tags.Loc.REGION = 'eu'",
+            "tags.loc.floor = 3",
+            "tags.missing = 'x'",
+            "is_defined(tags)",
+            "is_object(tags.loc)",
+            "ARRAY_CONTAINS(tags.list, {'a': 1})",
+            "properties.desired.mode = 'eco'",
+            "properties.reported.mode = 'on'",
+            "properties.reported.Mode = properties.desired.mode",
+            "Properties.Reported.T > 20",
+            "properties.reported.$version = 2",
+            "properties.reported.$VERSION = 2",
+            "properties.desired.$version.x = 2",
+            "is_defined(properties.desired.cfg.b)",
+            "properties.desired.$metadata.mode.$lastUpdatedVersion = 2",
+            "is_string(properties.reported.$Metadata.fw.$lastUpdated)",
+            "is_defined(properties.reported.$metadata)",
+            "is_object(properties.reported)",
+            "is_object(properties)",
+            "properties.nope.x = 1",
+            "deviceId = 'd1'",
+            "DeviceId IN ['d1', 'd2']",
+            "moduleId = 'm'",
+            "connectionState = 'Connected'",
+            "modelId = 'dtmi:x;1'",
+            "version >= 2 AND etag != 'x'",
+            "capabilities.iotEdge = false",
+            "status = 'enabled' OR tags.x = 'z'",
+            "NOT (tags.x = 'y')",
+            "tags.x = 'y' AND deviceId = 'd2'",
+        ];
+        for filter in filters {
+            for source in ["devices", "devices.modules"] {
+                let text = format!("SELECT * FROM {source} WHERE {filter}");
+                let query = crate::query::parse(&text).unwrap();
+                for plan in [query.filter_shape(), query.row_shape()] {
+                    for entry in reg.devices.iter() {
+                        let rec = lock(entry.value());
+                        let mut twins = vec![(None, &rec.twin)];
+                        twins.extend(rec.modules.values().map(|m| (Some(&m.module), &m.twin)));
+                        for (module, twin) in twins {
+                            let row = twin_row(&rec.device, module, twin, plan.shape);
+                            let view = TwinView::new(&rec.device, module, twin, plan.shape);
+                            assert_eq!(
+                                plan.admits(&view),
+                                query.matches(&row),
+                                "{text} on {}/{module:?}",
+                                rec.device.device_id
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scans_return_matching_rows_in_identity_order_after_a_key() {
+        let reg = scan_fixture();
+        let query = crate::query::parse("SELECT * FROM devices WHERE version > 0").unwrap();
+        let mut seen = Vec::new();
+        reg.scan_twins(false, None, query.filter_shape(), |key, _| {
+            seen.push(key);
+            true
+        });
+        assert_eq!(seen, [IdentityKey::device("d1"), IdentityKey::device("d2")]);
+        seen.clear();
+        let after = IdentityKey::device("d1");
+        reg.scan_twins(false, Some(&after), query.filter_shape(), |key, _| {
+            seen.push(key);
+            true
+        });
+        assert_eq!(seen, [IdentityKey::device("d2")]);
+        let query =
+            crate::query::parse("SELECT * FROM devices.modules WHERE tags.x = 'y'").unwrap();
+        let mut rows = Vec::new();
+        reg.scan_twins(true, Some(&after), query.filter_shape(), |key, row| {
+            rows.push((key, row));
+            true
+        });
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].0, IdentityKey::module("d1", "m"));
+        assert_eq!(rows[0].1["tags"]["x"], "y");
+        let mut count = 0;
+        reg.scan_all_twins(false, query.filter_shape(), |_| count += 1);
+        assert_eq!(count, 1);
     }
 }

@@ -44,6 +44,7 @@ pub fn config(certs_dir: PathBuf) -> Config {
         bind: "127.0.0.1".parse().unwrap(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         certs_dir,
         extra_sans: vec![],
         policies: default_policies(),
@@ -71,7 +72,11 @@ pub async fn start_with(customise: impl FnOnce(&mut Config)) -> TestHub {
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(iothub_emulator::run(
         hub.clone(),
-        Listeners { https, mqtt },
+        Listeners {
+            https,
+            mqtt,
+            amqp: None,
+        },
         tls.server_config,
         async move {
             let _ = stopped.await;

@@ -1,7 +1,7 @@
 // Starts and stops one iothub-emulator for the browser test, like e2e/node/run.mjs does: its
-// default ports (443 HTTPS, 8883 MQTT/TLS, which the Python device SDK needs) on a spare
-// 127.0.0.X, a fresh certs dir, output in e2e/logs/browser-emulator-127.0.0.X.log, stopped by
-// pid (SIGTERM, then SIGKILL).
+// default ports (443 HTTPS, 8883 MQTT/TLS, which the Python device SDK needs, 5671 AMQP/TLS)
+// on a spare 127.0.0.X, a fresh certs dir, output in e2e/logs/browser-emulator-127.0.0.X.log,
+// stopped by pid (SIGTERM, then SIGKILL).
 
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -17,7 +17,7 @@ export const repoRoot = path.resolve(here, '..', '..', '..');
 const binary = process.env.IOTHUB_EMULATOR_BIN || path.join(repoRoot, 'target', 'debug', 'iothub-emulator');
 const logDir = path.join(repoRoot, 'e2e', 'logs');
 const READY = 'iothub-emulator ready';
-const PORTS = [443, 8883];
+const PORTS = [443, 8883, 5671]; // HTTPS and MQTT/AMQP over WebSockets; MQTT/TLS; AMQP/TLS
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -35,7 +35,7 @@ async function pickAddress() {
     const free = await Promise.all(PORTS.map((p) => portFree(address, p)));
     if (free.every(Boolean)) return address;
   }
-  throw new Error('no 127.0.0.X with ports 443 and 8883 free');
+  throw new Error('no 127.0.0.X with ports 443, 8883 and 5671 free');
 }
 
 export function tail(file, lines = 60) {

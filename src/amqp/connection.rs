@@ -1,0 +1,380 @@
+//! One AMQP connection: protocol header and SASL, then sessions, then links, each link a
+//! task of its own. The connection's [`Conn`] holds what its links share: the hub, the grants
+//! its tokens earned, the reply queues of `$cbs` and `$management`, and the device identities
+//! it carries.
+
+use super::cbs::{Grant, Sasl};
+use super::device::Presence;
+use super::frames::FullFrames;
+use super::{address, device, eventhub, service};
+use crate::hub::Hub;
+use crate::registry::IdentityKey;
+use crate::timestamp::unix_now;
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
+    ListenerSessionHandle, SessionAcceptor,
+};
+use fe2o3_amqp::types::definitions::{self, ErrorCondition, Role};
+use fe2o3_amqp::types::messaging::{Body, Message, TargetArchetype};
+use fe2o3_amqp::types::performatives::Attach;
+use fe2o3_amqp::types::primitives::{Symbol, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+
+/// How long a client has to send its protocol header and complete SASL and Open.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest frame accepted (IoT Hub's 256 KB message limit plus headers).
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024 + 16 * 1024;
+/// Idle time-out announced in Open (IoT Hub announces 4 minutes).
+const IDLE_TIMEOUT_MS: u32 = 240_000;
+/// Most sessions (channels) and links per session per connection.
+const CHANNEL_MAX: u16 = 255;
+const HANDLE_MAX: u32 = 255;
+
+/// An AMQP message as the links pass it around.
+pub type AmqpMessage = Message<Body<Value>>;
+
+/// What one connection's links share.
+pub struct Conn {
+    pub hub: Hub,
+    pub peer: String,
+    grants: Mutex<Vec<Grant>>,
+    grants_changed: Notify,
+    /// Replies to `$cbs` put-token requests, for the `$cbs` receiver link.
+    pub cbs_replies: Replies,
+    /// Replies to `$management` requests, for the `$management` receiver link.
+    pub management_replies: Replies,
+    /// Device identities with links on this connection.
+    devices: Mutex<HashMap<IdentityKey, Arc<Presence>>>,
+    /// Set to close the connection, with the error to close it with.
+    closing: Mutex<Option<definitions::Error>>,
+    close: Notify,
+}
+
+/// A reply queue between a request link and the response link of the same node.
+pub struct Replies {
+    tx: mpsc::Sender<AmqpMessage>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<AmqpMessage>>,
+}
+
+impl Replies {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        Self {
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    /// Queues a reply; a client that never reads its replies loses them rather than
+    /// blocking its requests.
+    pub fn send(&self, reply: AmqpMessage) {
+        let _ = self.tx.try_send(reply);
+    }
+
+    /// Sends queued replies on `sender` until the link or the connection goes.
+    pub async fn serve(&self, sender: fe2o3_amqp::Sender) {
+        let mut rx = self.rx.lock().await;
+        device::pump(sender, &mut rx).await;
+    }
+}
+
+/// An AMQP error with an IoT Hub condition symbol.
+pub fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
+    definitions::Error::new(
+        ErrorCondition::Custom(Symbol::from(condition)),
+        Some(description.into()),
+        None,
+    )
+}
+
+impl Conn {
+    /// Adds a verified token's grant; a grant for the same subject and scope is replaced
+    /// (token renewal).
+    pub fn add_grant(&self, grant: Grant) {
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        grants.retain(|g| !(g.subject == grant.subject && g.scope == grant.scope));
+        grants.push(grant);
+        drop(grants);
+        self.grants_changed.notify_one();
+    }
+
+    /// Whether an unexpired grant satisfies `check`.
+    pub fn authorized(&self, check: impl Fn(&Grant) -> bool) -> bool {
+        let now = unix_now();
+        self.grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|g| g.expiry > now && check(g))
+    }
+
+    /// Asks the connection to close with `error`.
+    pub fn close_with(&self, error: definitions::Error) {
+        let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        if closing.is_none() {
+            *closing = Some(error);
+        }
+        drop(closing);
+        self.close.notify_one();
+    }
+
+    /// This connection's presence for `key`, registering the identity as connected on first use
+    /// (which closes any other connection of the same identity).
+    pub fn presence(self: &Arc<Self>, key: &IdentityKey) -> Arc<Presence> {
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = devices.get(key) {
+            return Arc::clone(p);
+        }
+        let (presence, registration) = Presence::register(&self.hub, key);
+        devices.insert(key.clone(), Arc::clone(&presence));
+        drop(devices);
+        tokio::spawn(device::deliver_events(
+            Arc::clone(self),
+            Arc::clone(&presence),
+            registration,
+        ));
+        presence
+    }
+
+    /// Waits until the earliest grant expires, then drops expired grants. Returns an error to
+    /// close the connection with when a grant expired without being renewed.
+    async fn watch_expiry(&self) -> definitions::Error {
+        loop {
+            let changed = self.grants_changed.notified();
+            let next = self
+                .grants
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|g| g.expiry)
+                .min();
+            match next {
+                None => changed.await,
+                Some(expiry) => {
+                    let wait = Duration::from_secs(expiry.saturating_sub(unix_now()));
+                    tokio::select! {
+                        () = changed => {}
+                        () = tokio::time::sleep(wait) => {
+                            let now = unix_now();
+                            let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+                            if grants.iter().any(|g| g.expiry <= now) {
+                                grants.clear();
+                                return error(
+                                    "amqp:unauthorized-access",
+                                    "The SAS token expired and was not renewed on $cbs",
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves one connection, from its first byte to its end.
+pub async fn run<S>(hub: Hub, mut stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
+{
+    let mut header = [0u8; 8];
+    match tokio::time::timeout(OPEN_TIMEOUT, stream.read_exact(&mut header)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    // "AMQP", protocol id (0 AMQP, 3 SASL), version 1.0.0. Anything else gets the header we
+    // support, and the connection ends (AMQP 1.0 §2.2).
+    let sasl = match header {
+        [b'A', b'M', b'Q', b'P', 0, 1, 0, 0] => false,
+        [b'A', b'M', b'Q', b'P', 3, 1, 0, 0] => true,
+        _ => {
+            tracing::info!(%peer, "refused an AMQP connection with an unsupported protocol header");
+            let _ = stream.write_all(b"AMQP\x03\x01\x00\x00").await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let io = FullFrames::with_prefix(stream, &header);
+    let sasl_acceptor = Sasl::new(hub.clone());
+    let builder = ConnectionAcceptor::builder()
+        .container_id(format!("iothub-emulator-{}", hub.event_hub_name()))
+        .max_frame_size(MAX_FRAME_SIZE)
+        .channel_max(CHANNEL_MAX)
+        .idle_time_out(IDLE_TIMEOUT_MS);
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
+        if sasl {
+            builder
+                .sasl_acceptor(sasl_acceptor.clone())
+                .build()
+                .accept(io)
+                .await
+        } else {
+            builder.build().accept(io).await
+        }
+    })
+    .await;
+    let mut connection = match opened {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "AMQP connection not opened");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "AMQP connection not opened in time");
+            return;
+        }
+    };
+    tracing::info!(%peer, sasl, "amqp connection opened");
+    crate::metrics::Metrics::count(&hub.metrics().amqp_connections);
+
+    let conn = Arc::new(Conn {
+        hub,
+        peer,
+        grants: Mutex::new(Vec::new()),
+        grants_changed: Notify::new(),
+        cbs_replies: Replies::new(),
+        management_replies: Replies::new(),
+        devices: Mutex::new(HashMap::new()),
+        closing: Mutex::new(None),
+        close: Notify::new(),
+    });
+    if let Some(grant) = sasl_acceptor.granted.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        conn.add_grant(grant);
+    }
+
+    let closing = serve_sessions(&conn, &mut connection).await;
+    match closing {
+        Some(e) => {
+            tracing::info!(peer = %conn.peer, error = ?e.description, "closing amqp connection");
+            let _ = connection.close_with_error(e).await;
+        }
+        None => {
+            let _ = connection.close().await;
+        }
+    }
+    let devices: Vec<_> = conn
+        .devices
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .collect();
+    for (_, presence) in devices {
+        presence.unregister(&conn.hub);
+    }
+    tracing::info!(peer = %conn.peer, "amqp connection closed");
+}
+
+/// Accepts sessions until the peer closes or the connection must close; returns the error to
+/// close with, if any.
+async fn serve_sessions(
+    conn: &Arc<Conn>,
+    connection: &mut ListenerConnectionHandle,
+) -> Option<definitions::Error> {
+    let session_acceptor = SessionAcceptor::builder().handle_max(HANDLE_MAX).build();
+    loop {
+        tokio::select! {
+            session = session_acceptor.accept(connection) => match session {
+                Ok(session) => {
+                    tokio::spawn(serve_links(Arc::clone(conn), session));
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %conn.peer, error = %e, "amqp connection ended");
+                    return None;
+                }
+            },
+            () = conn.close.notified() => {
+                return conn.closing.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
+            e = conn.watch_expiry() => return Some(e),
+        }
+    }
+}
+
+/// Accepts the links of one session, each into its own task.
+async fn serve_links(conn: Arc<Conn>, mut session: ListenerSessionHandle) {
+    let acceptor = LinkAcceptor::builder()
+        .max_message_size(u64::from(MAX_FRAME_SIZE) * 4)
+        .build();
+    while let Some(attach) = session.next_incoming_attach().await {
+        let address = node_address(&attach);
+        let role = attach.role.clone();
+        let node = address.as_deref().and_then(address::parse);
+        let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::info!(peer = %conn.peer, error = %e, "amqp link refused");
+                continue;
+            }
+        };
+        let Some(node) = node else {
+            tracing::info!(peer = %conn.peer, ?address, "amqp link to an unknown address");
+            refuse(
+                link,
+                error(
+                    "amqp:not-found",
+                    format!("No node at address {}", address.unwrap_or_default()),
+                ),
+            );
+            continue;
+        };
+        tracing::debug!(peer = %conn.peer, ?node, ?role, "amqp link attached");
+        route(&conn, node, link);
+    }
+    let _ = session.on_end().await;
+}
+
+/// The address a link attaches to: the target when the client sends, the source when it
+/// receives.
+fn node_address(attach: &Attach) -> Option<String> {
+    match attach.role {
+        Role::Sender => match attach.target.as_deref() {
+            Some(TargetArchetype::Target(t)) => t.address.clone(),
+            _ => None,
+        },
+        Role::Receiver => attach.source.as_ref().and_then(|s| s.address.clone()),
+    }
+}
+
+/// Hands an attached link to the task for its node.
+fn route(conn: &Arc<Conn>, node: address::Node, link: LinkEndpoint) {
+    use address::Node;
+    let conn = Arc::clone(conn);
+    match (node, link) {
+        (Node::Cbs, LinkEndpoint::Receiver(r)) => {
+            tokio::spawn(service::cbs_requests(conn, r));
+        }
+        (Node::Cbs, LinkEndpoint::Sender(s)) => {
+            tokio::spawn(async move { conn.cbs_replies.serve(s).await });
+        }
+        (Node::Management, LinkEndpoint::Receiver(r)) => {
+            tokio::spawn(eventhub::management_requests(conn, r));
+        }
+        (Node::Management, LinkEndpoint::Sender(s)) => {
+            tokio::spawn(async move { conn.management_replies.serve(s).await });
+        }
+        (Node::ServiceBound, LinkEndpoint::Receiver(r)) => {
+            tokio::spawn(service::cloud_to_device_send(conn, r));
+        }
+        (Node::Feedback, LinkEndpoint::Sender(s)) => {
+            tokio::spawn(service::feedback(conn, s));
+        }
+        (Node::Partition { entity, group, partition }, LinkEndpoint::Sender(s)) => {
+            tokio::spawn(eventhub::partition(conn, s, entity, group, partition));
+        }
+        (node, link) => device::route(conn, node, link),
+    }
+}
+
+/// Detaches a just-attached link with `error` (IoT Hub's way of refusing a link).
+pub fn refuse(link: LinkEndpoint, error: definitions::Error) {
+    tokio::spawn(async move {
+        let _ = match link {
+            LinkEndpoint::Sender(s) => s.close_with_error(error).await.map_err(drop),
+            LinkEndpoint::Receiver(r) => r.close_with_error(error).await.map_err(drop),
+        };
+    });
+}

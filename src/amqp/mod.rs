@@ -1,0 +1,48 @@
+//! The AMQP 1.0 front end: TLS on port 5671 and WebSockets (`AMQPWSB10`) on the HTTPS port,
+//! for devices and modules (telemetry, cloud-to-device, twin, methods), for the service side
+//! (cloud-to-device send and feedback), and for the Event Hub-compatible endpoint
+//! (`shared/protocol-amqp.md`; `docs/amqp.md`).
+//!
+//! The protocol engine is `fe2o3-amqp`'s listener. This module decides what it may do:
+//! - [`connection`]: one task per connection: protocol header, SASL, sessions, and the
+//!   connection's authorisation state (the CBS grants);
+//! - [`address`]: link addresses parsed into the node they attach to;
+//! - [`cbs`]: SASL mechanisms and token verification;
+//! - [`device`], [`service`], [`eventhub`]: the links of each side, each a task that turns
+//!   AMQP messages into [`Hub`] operations and back;
+//! - [`message`]: conversions between AMQP messages and the hub's message types;
+//! - [`frames`]: a byte-level shim for interop traps of real clients.
+
+pub mod address;
+pub mod cbs;
+mod connection;
+mod device;
+mod eventhub;
+mod frames;
+mod message;
+mod service;
+
+use crate::hub::Hub;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// Accepts AMQP/TLS connections on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    hub: Hub,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    crate::tls::accept_loop(listener, acceptor, "amqp", shutdown, move |tls, peer| {
+        connection::run(hub.clone(), tls, peer.to_string())
+    })
+    .await;
+}
+
+/// Serves AMQP over an upgraded WebSocket (subprotocol `AMQPWSB10`).
+pub async fn serve_websocket(hub: Hub, socket: axum::extract::ws::WebSocket) {
+    crate::http::bridge_websocket(socket, move |stream| {
+        connection::run(hub, stream, "websocket".to_owned())
+    })
+    .await;
+}

@@ -1,0 +1,203 @@
+//! The service side over AMQP: `$cbs` put-token, cloud-to-device send on
+//! `/messages/devicebound`, and delivery feedback on `/messages/serviceBound/feedback`.
+
+use super::cbs::verify_token;
+use super::connection::{error, AmqpMessage, Conn};
+use super::message::{body_bytes, cloud_message_of, data_message, property_text};
+use crate::c2d::MAX_MESSAGE_BYTES;
+use crate::error::HubError;
+use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp::types::definitions;
+use fe2o3_amqp::types::messaging::{
+    AmqpValue, ApplicationProperties, Body, MessageId, Outcome, Properties,
+};
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Value};
+use fe2o3_amqp::{Receiver, Sender};
+use std::sync::Arc;
+
+/// `$cbs` put-token requests: the token in the body is verified and, if good, becomes a grant
+/// of this connection. The reply carries `status-code` as an AMQP int (uamqp reads nothing
+/// else) and the request's `message_id` as `correlation_id`, with its AMQP type kept.
+pub async fn cbs_requests(conn: Arc<Conn>, mut receiver: Receiver) {
+    while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+        let message = delivery.message();
+        let operation = property_text(message, "operation");
+        let token = match &message.body {
+            Body::Value(AmqpValue(Value::String(s))) => Some(s.clone()),
+            body @ Body::Data(_) => String::from_utf8(body_bytes(body).to_vec()).ok(),
+            _ => None,
+        };
+        let (status, description) = match (operation.as_deref(), token) {
+            (Some("put-token"), Some(token)) => match verify_token(&conn.hub, &token) {
+                Ok(grant) => {
+                    tracing::info!(peer = %conn.peer, subject = ?grant.subject, "amqp token accepted");
+                    conn.add_grant(grant);
+                    (200, "OK".to_owned())
+                }
+                Err(e) => {
+                    tracing::info!(peer = %conn.peer, error = %e.message, "amqp token refused");
+                    (401, e.message)
+                }
+            },
+            (Some("put-token"), None) => (400, "The put-token body must be the token as a string".to_owned()),
+            (op, _) => (400, format!("Unsupported $cbs operation {}", op.unwrap_or("(none)"))),
+        };
+        if receiver.accept(&delivery).await.is_err() {
+            break;
+        }
+        let correlation = message.properties.as_ref().and_then(|p| p.message_id.clone());
+        conn.cbs_replies.send(status_reply(correlation, status, &description, Value::Null));
+    }
+    let _ = receiver.close().await;
+}
+
+/// A management-style reply: `status-code` (int) and `status-description` application
+/// properties, `correlation_id` = the request's `message_id`, and an amqp-value body.
+pub fn status_reply(
+    correlation: Option<MessageId>,
+    status: i32,
+    description: &str,
+    body: Value,
+) -> AmqpMessage {
+    let mut properties = OrderedMap::new();
+    properties.insert("status-code".to_owned(), SimpleValue::Int(status));
+    properties.insert(
+        "status-description".to_owned(),
+        SimpleValue::String(description.to_owned()),
+    );
+    AmqpMessage {
+        header: None,
+        delivery_annotations: None,
+        message_annotations: None,
+        properties: Some(Properties {
+            correlation_id: correlation,
+            ..Properties::default()
+        }),
+        application_properties: Some(ApplicationProperties(properties)),
+        body: Body::Value(AmqpValue(body)),
+        footer: None,
+    }
+}
+
+/// The AMQP error for a hub error: IoT Hub's condition for its status, the IoT Hub error code
+/// and message in the description.
+pub fn hub_error(e: &HubError) -> definitions::Error {
+    let condition = match e.code.status() {
+        401 => "amqp:unauthorized-access",
+        403 => "amqp:resource-limit-exceeded",
+        404 => "amqp:not-found",
+        413 => "amqp:link:message-size-exceeded",
+        400 => "com.microsoft:argument-error",
+        _ => "amqp:internal-error",
+    };
+    error(condition, format!("{}: {}", e.code.number(), e.message))
+}
+
+/// `/messages/devicebound`: the service sends cloud-to-device messages, each addressed by
+/// its `to` property (`/devices/{id}/messages/devicebound`). A message is accepted once it
+/// is in the device's queue, and rejected with IoT Hub's condition otherwise (unknown device,
+/// queue full, too large).
+pub async fn cloud_to_device_send(conn: Arc<Conn>, mut receiver: Receiver) {
+    if !conn.authorized(|g| g.allows_service()) {
+        let _ = receiver
+            .close_with_error(error(
+                "amqp:unauthorized-access",
+                "Sending cloud-to-device messages needs a token of a policy with ServiceConnect on $cbs",
+            ))
+            .await;
+        return;
+    }
+    while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+        let message = delivery.message();
+        let outcome = enqueue(&conn, message);
+        let settled = match outcome {
+            Ok(()) => receiver.accept(&delivery).await,
+            Err(e) => {
+                tracing::info!(peer = %conn.peer, error = ?e.description, "cloud-to-device message refused");
+                receiver.reject(&delivery, Some(e)).await
+            }
+        };
+        if settled.is_err() {
+            break;
+        }
+    }
+    let _ = receiver.close().await;
+}
+
+fn enqueue(conn: &Conn, message: &AmqpMessage) -> Result<(), definitions::Error> {
+    let to = message.properties.as_ref().and_then(|p| p.to.clone());
+    let device = match to.as_deref().and_then(super::address::parse) {
+        Some(super::address::Node::DeviceBound(d)) => d,
+        _ => {
+            return Err(error(
+                "com.microsoft:argument-error",
+                format!(
+                    "The message's 'to' must be /devices/{{deviceId}}/messages/devicebound, not {}",
+                    to.as_deref().unwrap_or("(none)")
+                ),
+            ))
+        }
+    };
+    let cloud = cloud_message_of(message);
+    let size = cloud.body.len()
+        + cloud
+            .properties
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+    if size > MAX_MESSAGE_BYTES {
+        return Err(error(
+            "amqp:link:message-size-exceeded",
+            format!("The message is {size} bytes, over the {MAX_MESSAGE_BYTES}-byte limit"),
+        ));
+    }
+    if let Some(ack) = &cloud.ack {
+        if !["full", "positive", "negative", "none"].contains(&ack.as_str()) {
+            return Err(error(
+                "com.microsoft:argument-error",
+                "iothub-ack must be full, positive, negative or none",
+            ));
+        }
+    }
+    conn.hub.send_c2d(&device, cloud).map_err(|e| hub_error(&e))
+}
+
+/// `/messages/serviceBound/feedback`: delivery feedback records, a JSON array per message
+/// (a data section: the Node SDK reads `body.content`). Records the service does not accept
+/// are kept for the next receiver.
+pub async fn feedback(conn: Arc<Conn>, mut sender: Sender) {
+    if !conn.authorized(|g| g.allows_service()) {
+        let _ = sender
+            .close_with_error(error(
+                "amqp:unauthorized-access",
+                "Receiving feedback needs a token of a policy with ServiceConnect on $cbs",
+            ))
+            .await;
+        return;
+    }
+    let feedback = conn.hub.feedback();
+    loop {
+        let batch = tokio::select! {
+            batch = feedback.take(64) => batch,
+            _ = sender.on_detach() => break,
+        };
+        let mut message = data_message(serde_json::Value::Array(batch.clone()).to_string());
+        message.properties = Some(Properties {
+            message_id: Some(MessageId::String(format!("{:032x}", rand::random::<u128>()))),
+            content_type: Some(Symbol::from(
+                "application/vnd.microsoft.iothub.feedback.json",
+            )),
+            ..Properties::default()
+        });
+        let sendable = Sendable::builder().message(message).settled(false).build();
+        match sender.send(sendable).await {
+            Ok(Outcome::Accepted(_)) => {}
+            Ok(_) => feedback.give_back(batch),
+            Err(_) => {
+                feedback.give_back(batch);
+                break;
+            }
+        }
+    }
+    let _ = sender.close().await;
+}
