@@ -12,9 +12,9 @@ use crate::registry::IdentityKey;
 use crate::timestamp::unix_now;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-    ListenerSessionHandle, SessionAcceptor,
+    ListenerSessionHandle, SessionAcceptor, SupportedReceiverSettleModes,
 };
-use fe2o3_amqp::types::definitions::{self, ErrorCondition, Role};
+use fe2o3_amqp::types::definitions::{self, ErrorCondition, ReceiverSettleMode, Role};
 use fe2o3_amqp::types::messaging::{Body, Message, TargetArchetype};
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
@@ -296,7 +296,11 @@ async fn serve_sessions(
 
 /// Accepts the links of one session, each into its own task.
 async fn serve_links(conn: Arc<Conn>, mut session: ListenerSessionHandle) {
+    // Receivers settle first, as IoT Hub does: a client asking for `second` (uamqp) is
+    // answered with `first` in the attach, and each delivery is settled with its outcome.
     let acceptor = LinkAcceptor::builder()
+        .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(ReceiverSettleMode::First)
         .max_message_size(u64::from(MAX_FRAME_SIZE) * 4)
         .build();
     while let Some(attach) = session.next_incoming_attach().await {

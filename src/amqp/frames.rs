@@ -8,7 +8,7 @@
 //!    and `handle-max` without applying their defaults. The real broker always writes full
 //!    lists, so we do too: each outgoing performative's list is re-encoded with its missing
 //!    trailing fields appended and null fields that have a default given that default.
-//! 2. **Frames on a channel after the peer ended it are dropped.** pyamqp still sends `Detach`
+//! 2. **Session frames on a channel after the peer ended it are dropped.** pyamqp still sends `Detach`
 //!    on a session's channel after its `End`; the engine would treat that as a protocol error
 //!    and close the whole connection.
 //!
@@ -266,7 +266,8 @@ impl<S> FullFrames<S> {
                             Some(0x11) => {
                                 self.ended.remove(&channel);
                             }
-                            _ if self.ended.contains(&channel) => {
+                            // Session-scoped performatives (attach … end) on an ended channel.
+                            Some(0x12..=0x17) if self.ended.contains(&channel) => {
                                 tracing::debug!(channel, ?code, "dropping a frame on an ended channel");
                                 continue;
                             }

@@ -107,7 +107,14 @@ pub async fn cloud_to_device_send(conn: Arc<Conn>, mut receiver: Receiver) {
             .await;
         return;
     }
-    while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+    loop {
+        let delivery = match receiver.recv::<Body<Value>>().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "cloud-to-device link ended");
+                break;
+            }
+        };
         let message = delivery.message();
         let outcome = enqueue(&conn, message);
         let settled = match outcome {

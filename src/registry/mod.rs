@@ -1195,7 +1195,8 @@ mod tests {
             "tags.missing = 'x'",
             "is_defined(tags)",
             "is_object(tags.loc)",
-            "ARRAY_CONTAINS(tags.list, {'a': 1})",
+            "ARRAY_CONTAINS(tags.list, properties.desired.cfg)",
+            "ARRAY_CONTAINS([properties.reported], properties.reported)",
             "properties.desired.mode = 'eco'",
             "properties.reported.mode = 'on'",
             "properties.reported.Mode = properties.desired.mode",
@@ -1221,6 +1222,7 @@ mod tests {
             "NOT (tags.x = 'y')",
             "tags.x = 'y' AND deviceId = 'd2'",
         ];
+        let mut matched = HashSet::new();
         for filter in filters {
             for source in ["devices", "devices.modules"] {
                 let text = format!("SELECT * FROM {source} WHERE {filter}");
@@ -1233,17 +1235,39 @@ mod tests {
                         for (module, twin) in twins {
                             let row = twin_row(&rec.device, module, twin, plan.shape);
                             let view = TwinView::new(&rec.device, module, twin, plan.shape);
+                            let admitted = plan.admits(&view);
                             assert_eq!(
-                                plan.admits(&view),
+                                admitted,
                                 query.matches(&row),
                                 "{text} on {}/{module:?}",
                                 rec.device.device_id
                             );
+                            if admitted {
+                                matched.insert(filter);
+                            }
                         }
                     }
                 }
             }
         }
+        // The comparison means something only if conditions do match; these never do.
+        let unmatched: Vec<&str> = filters
+            .into_iter()
+            .filter(|f| !matched.contains(f))
+            .collect();
+        assert_eq!(
+            unmatched,
+            [
+                "tags.loc.floor = 3",
+                "tags.missing = 'x'",
+                "properties.reported.Mode = properties.desired.mode",
+                "properties.desired.$version.x = 2",
+                "is_defined(properties.desired.cfg.b)",
+                "properties.nope.x = 1",
+                "NOT (tags.x = 'y')",
+                "tags.x = 'y' AND deviceId = 'd2'",
+            ]
+        );
     }
 
     #[test]
