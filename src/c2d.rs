@@ -262,7 +262,13 @@ pub struct Feedback {
 impl Feedback {
     /// Records the outcome `status` (`Success`, `Rejected`, `DeliveryCountExceeded`) of
     /// `message`, if its `iothub-ack` asked for that kind of outcome.
-    pub fn record(&self, message: &CloudMessage, status: &str, device_id: &str, generation_id: &str) {
+    pub fn record(
+        &self,
+        message: &CloudMessage,
+        status: &str,
+        device_id: &str,
+        generation_id: &str,
+    ) {
         let wanted = match message.ack.as_deref() {
             Some("full") => true,
             Some("positive") => status == "Success",
@@ -317,6 +323,9 @@ impl Feedback {
     }
 
     pub fn clear(&self) {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }

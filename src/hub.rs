@@ -255,7 +255,11 @@ impl Hub {
             let generation = registry
                 .get_device(device_id)
                 .ok()
-                .and_then(|d| d.get("generationId").and_then(Value::as_str).map(str::to_owned))
+                .and_then(|d| {
+                    d.get("generationId")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
                 .unwrap_or_default();
             self.inner
                 .feedback

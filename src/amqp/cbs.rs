@@ -34,7 +34,10 @@ pub enum Subject {
     /// A device or module token, signed with its own key.
     Identity(IdentityKey),
     /// A shared access policy token.
-    Policy { name: String, permissions: Permissions },
+    Policy {
+        name: String,
+        permissions: Permissions,
+    },
 }
 
 impl Grant {

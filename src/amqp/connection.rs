@@ -242,7 +242,12 @@ where
         closing: Mutex::new(None),
         close: Notify::new(),
     });
-    if let Some(grant) = sasl_acceptor.granted.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(grant) = sasl_acceptor
+        .granted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
         conn.add_grant(grant);
     }
 
@@ -366,7 +371,14 @@ fn route(conn: &Arc<Conn>, node: address::Node, link: LinkEndpoint) {
         (Node::Feedback, LinkEndpoint::Sender(s)) => {
             tokio::spawn(service::feedback(conn, s));
         }
-        (Node::Partition { entity, group, partition }, LinkEndpoint::Sender(s)) => {
+        (
+            Node::Partition {
+                entity,
+                group,
+                partition,
+            },
+            LinkEndpoint::Sender(s),
+        ) => {
             tokio::spawn(eventhub::partition(conn, s, entity, group, partition));
         }
         (node, link) => device::route(conn, node, link),

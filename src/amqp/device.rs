@@ -114,7 +114,11 @@ impl Presence {
 
 /// Forwards the hub's events for one identity to its links until the connection ends; closes
 /// the connection when the hub says so (another connection took over, identity deleted).
-pub async fn deliver_events(conn: Arc<Conn>, presence: Arc<Presence>, mut registration: Registration) {
+pub async fn deliver_events(
+    conn: Arc<Conn>,
+    presence: Arc<Presence>,
+    mut registration: Registration,
+) {
     loop {
         tokio::select! {
             event = registration.events.recv() => match event {
@@ -140,7 +144,10 @@ pub fn route(conn: Arc<Conn>, node: Node, link: LinkEndpoint) {
         _ => {
             refuse(
                 link,
-                error("amqp:not-found", format!("{node:?} cannot be attached in this direction")),
+                error(
+                    "amqp:not-found",
+                    format!("{node:?} cannot be attached in this direction"),
+                ),
             );
             return;
         }
@@ -182,7 +189,10 @@ pub fn route(conn: Arc<Conn>, node: Node, link: LinkEndpoint) {
         }
         (node, link) => refuse(
             link,
-            error("amqp:not-found", format!("{node:?} cannot be attached in this direction")),
+            error(
+                "amqp:not-found",
+                format!("{node:?} cannot be attached in this direction"),
+            ),
         ),
     }
 }
@@ -449,9 +459,12 @@ async fn method_responses(conn: Arc<Conn>, presence: Arc<Presence>, mut receiver
         match (rid, status) {
             (Some(rid), Some(status)) => {
                 let started = std::time::Instant::now();
-                conn.hub
-                    .methods()
-                    .complete(&presence.key, &rid, status, &body_bytes(&message.body));
+                conn.hub.methods().complete(
+                    &presence.key,
+                    &rid,
+                    status,
+                    &body_bytes(&message.body),
+                );
                 conn.hub.registry().touch(&presence.key);
                 conn.hub
                     .metrics()

@@ -14,10 +14,10 @@ use crate::hub::Hub;
 use crate::telemetry::Message;
 use fe2o3_amqp::acceptor::LinkEndpoint;
 use fe2o3_amqp::link::delivery::Sendable;
-use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, MessageAnnotations, Properties,
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, MessageAnnotations, Properties};
+use fe2o3_amqp::types::primitives::{
+    Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value,
 };
-use fe2o3_amqp::types::primitives::{Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use fe2o3_amqp::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +50,10 @@ pub async fn management_requests(conn: Arc<Conn>, mut receiver: Receiver) {
                 conn.add_grant(grant);
             }
         }
-        let correlation = message.properties.as_ref().and_then(|p| p.message_id.clone());
+        let correlation = message
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.clone());
         let reply = management_reply(&conn, message);
         if receiver.accept(&delivery).await.is_err() {
             break;
@@ -69,10 +72,19 @@ fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, S
     let hub = &conn.hub;
     let name = property_text(message, "name").unwrap_or_default();
     if !name.eq_ignore_ascii_case(hub.event_hub_name()) {
-        return Err((404, format!("No event hub named '{name}'; this hub's is '{}'", hub.event_hub_name())));
+        return Err((
+            404,
+            format!(
+                "No event hub named '{name}'; this hub's is '{}'",
+                hub.event_hub_name()
+            ),
+        ));
     }
     if !conn.authorized(|g| g.allows_event_hub(hub.event_hub_name())) {
-        return Err((401, "Unauthorized: send a security_token of a policy with ServiceConnect".to_owned()));
+        return Err((
+            401,
+            "Unauthorized: send a security_token of a policy with ServiceConnect".to_owned(),
+        ));
     }
     if property_text(message, "operation").as_deref() != Some("READ") {
         return Err((400, "Only the READ operation is supported".to_owned()));
@@ -85,7 +97,10 @@ fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, S
         Some("com.microsoft:eventhub") => {
             put("name", Value::String(hub.event_hub_name().to_owned()));
             put("type", Value::String("com.microsoft:eventhub".to_owned()));
-            put("created_at", Value::Timestamp(Timestamp::from_milliseconds(0)));
+            put(
+                "created_at",
+                Value::Timestamp(Timestamp::from_milliseconds(0)),
+            );
             put("partition_count", Value::Int(PARTITIONS as i32));
             put(
                 "partition_ids",
@@ -100,7 +115,10 @@ fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, S
             let partition = property_text(message, "partition")
                 .and_then(|p| p.parse::<u32>().ok())
                 .filter(|p| *p < PARTITIONS)
-                .ok_or((404, format!("No such partition; partitions are 0 to {}", PARTITIONS - 1)))?;
+                .ok_or((
+                    404,
+                    format!("No such partition; partitions are 0 to {}", PARTITIONS - 1),
+                ))?;
             let events = partition_events(hub, partition);
             let (first, last) = (events.first(), events.last());
             put("name", Value::String(hub.event_hub_name().to_owned()));
@@ -127,15 +145,19 @@ fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, S
             put("is_partition_empty", Value::Bool(events.is_empty()));
         }
         other => {
-            return Err((400, format!("Unsupported management type {}", other.unwrap_or("(none)"))));
+            return Err((
+                400,
+                format!("Unsupported management type {}", other.unwrap_or("(none)")),
+            ));
         }
     }
     Ok(Value::Map(map))
 }
 
 fn partition_events(hub: &Hub, partition: u32) -> Vec<Arc<Message>> {
-    hub.telemetry()
-        .read(0, usize::MAX, |m| partition_of(&m.identity.device_id) == partition)
+    hub.telemetry().read(0, usize::MAX, |m| {
+        partition_of(&m.identity.device_id) == partition
+    })
 }
 
 /// Where a partition receiver starts, from its `apache.org:selector-filter:string` filter.
@@ -164,7 +186,10 @@ fn parse_selector(selector: &str, last: u64) -> Option<Start> {
         n.max(0) as u64
     };
     match field {
-        "x-opt-offset" if value == "@latest" => Some(Start { after: last, after_time: None }),
+        "x-opt-offset" if value == "@latest" => Some(Start {
+            after: last,
+            after_time: None,
+        }),
         "x-opt-offset" | "x-opt-sequence-number" => Some(Start {
             after: position(value.parse().ok()?),
             after_time: None,
@@ -202,7 +227,13 @@ fn start_of(sender: &Sender, last: u64) -> Result<Start, String> {
 
 /// A partition receiver: the partition's events from the requested start, then new ones as
 /// they arrive, as fast as the receiver gives credit.
-pub async fn partition(conn: Arc<Conn>, mut sender: Sender, entity: String, group: String, partition: u32) {
+pub async fn partition(
+    conn: Arc<Conn>,
+    mut sender: Sender,
+    entity: String,
+    group: String,
+    partition: u32,
+) {
     let hub = conn.hub.clone();
     if !entity.eq_ignore_ascii_case(hub.event_hub_name())
         || !group.eq_ignore_ascii_case(CONSUMER_GROUP)
@@ -234,14 +265,19 @@ pub async fn partition(conn: Arc<Conn>, mut sender: Sender, entity: String, grou
     let start = match start_of(&sender, hub.telemetry().last_sequence()) {
         Ok(s) => s,
         Err(e) => {
-            refuse(LinkEndpoint::Sender(sender), error("com.microsoft:argument-error", e));
+            refuse(
+                LinkEndpoint::Sender(sender),
+                error("com.microsoft:argument-error", e),
+            );
             return;
         }
     };
     let mut after = start.after;
     let filter = |m: &Message| {
         partition_of(&m.identity.device_id) == partition
-            && start.after_time.is_none_or(|t| m.enqueued.unix_millis() > t)
+            && start
+                .after_time
+                .is_none_or(|t| m.enqueued.unix_millis() > t)
     };
     'link: loop {
         let batch = tokio::select! {
@@ -250,7 +286,9 @@ pub async fn partition(conn: Arc<Conn>, mut sender: Sender, entity: String, grou
         };
         for event in batch {
             after = event.sequence;
-            let sendable = Sendable::builder().message(event_message(&hub, &event)).build();
+            let sendable = Sendable::builder()
+                .message(event_message(&hub, &event))
+                .build();
             if sender.send_batchable(sendable).await.is_err() {
                 break 'link;
             }
@@ -278,7 +316,11 @@ fn event_message(hub: &Hub, m: &Message) -> AmqpMessage {
     if let Some(module) = &m.identity.module_id {
         note("iothub-connection-module-id", Value::String(module.clone()));
     }
-    let scope = if m.identity.module_id.is_some() { "module" } else { "device" };
+    let scope = if m.identity.module_id.is_some() {
+        "module"
+    } else {
+        "device"
+    };
     note(
         "iothub-connection-auth-method",
         Value::String(
@@ -295,11 +337,21 @@ fn event_message(hub: &Hub, m: &Message) -> AmqpMessage {
         .registry()
         .get_device(&m.identity.device_id)
         .ok()
-        .and_then(|d| d.get("generationId").and_then(|g| g.as_str()).map(str::to_owned))
+        .and_then(|d| {
+            d.get("generationId")
+                .and_then(|g| g.as_str())
+                .map(str::to_owned)
+        })
         .unwrap_or_default();
-    note("iothub-connection-auth-generation-id", Value::String(generation));
+    note(
+        "iothub-connection-auth-generation-id",
+        Value::String(generation),
+    );
     note("iothub-enqueuedtime", Value::Timestamp(enqueued));
-    note("iothub-message-source", Value::String("Telemetry".to_owned()));
+    note(
+        "iothub-message-source",
+        Value::String("Telemetry".to_owned()),
+    );
     if let Some(output) = &m.output {
         note("iothub-outputname", Value::String(output.clone()));
     }
@@ -346,13 +398,40 @@ mod tests {
     #[test]
     fn selectors() {
         let p = |s| parse_selector(s, 42);
-        assert_eq!(p("amqp.annotation.x-opt-offset > '-1'"), Some(Start { after: 0, after_time: None }));
-        assert_eq!(p("amqp.annotation.x-opt-offset > '@latest'"), Some(Start { after: 42, after_time: None }));
-        assert_eq!(p("amqp.annotation.x-opt-sequence-number >= '5'"), Some(Start { after: 4, after_time: None }));
-        assert_eq!(p("amqp.annotation.x-opt-sequence-number > '5'"), Some(Start { after: 5, after_time: None }));
+        assert_eq!(
+            p("amqp.annotation.x-opt-offset > '-1'"),
+            Some(Start {
+                after: 0,
+                after_time: None
+            })
+        );
+        assert_eq!(
+            p("amqp.annotation.x-opt-offset > '@latest'"),
+            Some(Start {
+                after: 42,
+                after_time: None
+            })
+        );
+        assert_eq!(
+            p("amqp.annotation.x-opt-sequence-number >= '5'"),
+            Some(Start {
+                after: 4,
+                after_time: None
+            })
+        );
+        assert_eq!(
+            p("amqp.annotation.x-opt-sequence-number > '5'"),
+            Some(Start {
+                after: 5,
+                after_time: None
+            })
+        );
         assert_eq!(
             p("amqp.annotation.x-opt-enqueued-time > '1700000000000'"),
-            Some(Start { after: 0, after_time: Some(1_700_000_000_000) })
+            Some(Start {
+                after: 0,
+                after_time: Some(1_700_000_000_000)
+            })
         );
         assert_eq!(p("amqp.annotation.x-opt-partition-key > 'a'"), None);
         assert_eq!(p("nonsense"), None);

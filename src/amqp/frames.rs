@@ -196,7 +196,11 @@ fn complete_frame(frame: &[u8]) -> Option<Vec<u8>> {
     let list = &frame[list_at..];
     let (count, header, size) = match list.first()? {
         0x45 => (0, 1, 0),
-        0xc0 => (*list.get(2)? as usize, 3, (*list.get(1)? as usize).checked_sub(1)?),
+        0xc0 => (
+            *list.get(2)? as usize,
+            3,
+            (*list.get(1)? as usize).checked_sub(1)?,
+        ),
         0xd0 => {
             let size = u32::from_be_bytes(list.get(1..5)?.try_into().ok()?) as usize;
             let count = u32::from_be_bytes(list.get(5..9)?.try_into().ok()?) as usize;
@@ -268,7 +272,11 @@ impl<S> FullFrames<S> {
                             }
                             // Session-scoped performatives (attach … end) on an ended channel.
                             Some(0x12..=0x17) if self.ended.contains(&channel) => {
-                                tracing::debug!(channel, ?code, "dropping a frame on an ended channel");
+                                tracing::debug!(
+                                    channel,
+                                    ?code,
+                                    "dropping a frame on an ended channel"
+                                );
                                 continue;
                             }
                             Some(0x17) => {
@@ -414,16 +422,23 @@ mod tests {
         assert_eq!(u32::from_be_bytes(list[5..9].try_into().unwrap()), 10);
         let elements = &list[9..];
         // container-id, hostname null, max-frame-size default, channel-max default, 6 nulls.
-        let mut want = vec![0xa1, 0x01, b'c', 0x40, 0x70, 0xff, 0xff, 0xff, 0xff, 0x60, 0xff, 0xff];
+        let mut want = vec![
+            0xa1, 0x01, b'c', 0x40, 0x70, 0xff, 0xff, 0xff, 0xff, 0x60, 0xff, 0xff,
+        ];
         want.extend_from_slice(&[0x40; 6]);
         assert_eq!(elements, &want[..]);
-        assert_eq!(u32::from_be_bytes(full[..4].try_into().unwrap()) as usize, full.len());
+        assert_eq!(
+            u32::from_be_bytes(full[..4].try_into().unwrap()) as usize,
+            full.len()
+        );
     }
 
     #[test]
     fn a_transfer_keeps_its_payload_after_the_completed_list() {
         // transfer(handle 0, delivery-id 1, tag [7]) then a payload.
-        let mut body = vec![0x00, 0x53, 0x14, 0xc0, 0x07, 0x03, 0x43, 0x52, 0x01, 0xa0, 0x01, 0x07];
+        let mut body = vec![
+            0x00, 0x53, 0x14, 0xc0, 0x07, 0x03, 0x43, 0x52, 0x01, 0xa0, 0x01, 0x07,
+        ];
         body.extend_from_slice(b"PAYLOAD");
         let full = complete_frame(&frame(0, 1, &body)).expect("completed");
         assert!(full.ends_with(b"PAYLOAD"));
@@ -437,12 +452,13 @@ mod tests {
     fn a_null_with_a_default_becomes_the_default() {
         // begin(remote-channel null, 0, 10, 10, handle-max null, ..., properties {})
         let body = [
-            0x00, 0x53, 0x11, 0xc0, 0x0b, 0x08, 0x40, 0x43, 0x52, 0x0a, 0x52, 0x0a, 0x40, 0x40,
+            0x00, 0x53, 0x11, 0xc0, 0x0d, 0x08, 0x40, 0x43, 0x52, 0x0a, 0x52, 0x0a, 0x40, 0x40,
             0x40, 0xc1, 0x01, 0x00,
         ];
         let full = complete_frame(&frame(0, 0, &body)).expect("completed");
         let elements = &full[8 + 3 + 9..];
-        assert_eq!(&elements[7..12], &[0x70, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&elements[6..11], &[0x70, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&elements[11..], &[0x40, 0x40, 0xc1, 0x01, 0x00]);
     }
 
     #[test]
@@ -450,7 +466,9 @@ mod tests {
         assert!(complete_frame(&frame(0, 0, &[])).is_none());
         assert!(complete_frame(&frame(0, 0, &[0x00, 0x53, 0x99, 0x45])).is_none());
         // A list claiming more bytes than it has.
-        assert!(complete_frame(&frame(0, 0, &[0x00, 0x53, 0x10, 0xc0, 0x09, 0x01, 0xa1])).is_none());
+        assert!(
+            complete_frame(&frame(0, 0, &[0x00, 0x53, 0x10, 0xc0, 0x09, 0x01, 0xa1])).is_none()
+        );
     }
 
     #[tokio::test]

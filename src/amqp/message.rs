@@ -117,7 +117,11 @@ pub fn properties_of(message: &AmqpMessage) -> Vec<(String, Option<String>)> {
     message
         .application_properties
         .as_ref()
-        .map(|p| p.0.iter().map(|(k, v)| (k.clone(), simple_text(v))).collect())
+        .map(|p| {
+            p.0.iter()
+                .map(|(k, v)| (k.clone(), simple_text(v)))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -39,14 +39,24 @@ pub async fn cbs_requests(conn: Arc<Conn>, mut receiver: Receiver) {
                     (401, e.message)
                 }
             },
-            (Some("put-token"), None) => (400, "The put-token body must be the token as a string".to_owned()),
-            (op, _) => (400, format!("Unsupported $cbs operation {}", op.unwrap_or("(none)"))),
+            (Some("put-token"), None) => (
+                400,
+                "The put-token body must be the token as a string".to_owned(),
+            ),
+            (op, _) => (
+                400,
+                format!("Unsupported $cbs operation {}", op.unwrap_or("(none)")),
+            ),
         };
         if receiver.accept(&delivery).await.is_err() {
             break;
         }
-        let correlation = message.properties.as_ref().and_then(|p| p.message_id.clone());
-        conn.cbs_replies.send(status_reply(correlation, status, &description, Value::Null));
+        let correlation = message
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.clone());
+        conn.cbs_replies
+            .send(status_reply(correlation, status, &description, Value::Null));
     }
     let _ = receiver.close().await;
 }
@@ -133,17 +143,16 @@ pub async fn cloud_to_device_send(conn: Arc<Conn>, mut receiver: Receiver) {
 
 fn enqueue(conn: &Conn, message: &AmqpMessage) -> Result<(), definitions::Error> {
     let to = message.properties.as_ref().and_then(|p| p.to.clone());
-    let device = match to.as_deref().and_then(super::address::parse) {
-        Some(super::address::Node::DeviceBound(d)) => d,
-        _ => {
-            return Err(error(
-                "com.microsoft:argument-error",
-                format!(
-                    "The message's 'to' must be /devices/{{deviceId}}/messages/devicebound, not {}",
-                    to.as_deref().unwrap_or("(none)")
-                ),
-            ))
-        }
+    let Some(super::address::Node::DeviceBound(device)) =
+        to.as_deref().and_then(super::address::parse)
+    else {
+        return Err(error(
+            "com.microsoft:argument-error",
+            format!(
+                "The message's 'to' must be /devices/{{deviceId}}/messages/devicebound, not {}",
+                to.as_deref().unwrap_or("(none)")
+            ),
+        ));
     };
     let cloud = cloud_message_of(message);
     let size = cloud.body.len()
@@ -190,7 +199,10 @@ pub async fn feedback(conn: Arc<Conn>, mut sender: Sender) {
         };
         let mut message = data_message(serde_json::Value::Array(batch.clone()).to_string());
         message.properties = Some(Properties {
-            message_id: Some(MessageId::String(format!("{:032x}", rand::random::<u128>()))),
+            message_id: Some(MessageId::String(format!(
+                "{:032x}",
+                rand::random::<u128>()
+            ))),
             content_type: Some(Symbol::from(
                 "application/vnd.microsoft.iothub.feedback.json",
             )),

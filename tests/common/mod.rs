@@ -24,6 +24,7 @@ pub struct TestHub {
     pub hub: Hub,
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
+    pub amqp: SocketAddr,
     pub ca_pem: String,
     pub ca_path: PathBuf,
     _certs: tempfile::TempDir,
@@ -67,7 +68,9 @@ pub async fn start_with(customise: impl FnOnce(&mut Config)) -> TestHub {
     let tls = tls::setup(&config.certs_dir, &config.host_names(), None).unwrap();
     let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mqtt = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let amqp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (https_addr, mqtt_addr) = (https.local_addr().unwrap(), mqtt.local_addr().unwrap());
+    let amqp_addr = amqp.local_addr().unwrap();
     let hub = Hub::new(&config);
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(iothub_emulator::run(
@@ -75,7 +78,7 @@ pub async fn start_with(customise: impl FnOnce(&mut Config)) -> TestHub {
         Listeners {
             https,
             mqtt,
-            amqp: None,
+            amqp: Some(amqp),
         },
         tls.server_config,
         async move {
@@ -86,6 +89,7 @@ pub async fn start_with(customise: impl FnOnce(&mut Config)) -> TestHub {
         hub,
         https: https_addr,
         mqtt: mqtt_addr,
+        amqp: amqp_addr,
         ca_pem: std::fs::read_to_string(&tls.ca_path).unwrap(),
         ca_path: tls.ca_path,
         _certs: certs,
@@ -422,6 +426,21 @@ impl TestHub {
     /// A TLS connection to the MQTT port on which the test writes raw bytes.
     pub async fn raw_mqtt(&self) -> RawMqtt {
         self.raw_tls(self.mqtt).await
+    }
+
+    /// A TLS stream to `addr`, trusting the hub's CA.
+    pub async fn tls_stream(&self, addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let server_name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+            tokio_rustls::TlsConnector::from(self.tls_client())
+                .connect(server_name, tcp)
+                .await
+                .unwrap()
+        };
+        tokio::time::timeout(WAIT, connect)
+            .await
+            .expect("TLS handshake timed out")
     }
 
     /// A raw TLS connection to `addr` (the MQTT or the HTTPS port), trusting the hub's CA.

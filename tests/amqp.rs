@@ -1,0 +1,366 @@
+//! AMQP front end edge cases the SDKs cannot reach: links without or with someone else's
+//! token, wrong SASL credentials, malformed frames, floods. The SDK flows themselves are in the
+//! end-to-end suites (e2e/node/amqp.test.js, e2e/python/test_amqp.py).
+//!
+//! The client side is `fe2o3-amqp`'s own client, over a TLS stream that trusts the test hub.
+
+mod common;
+
+use common::{identity_token, policy_token, TestHub, WAIT};
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message, Outcome};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Client {
+    connection: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+}
+
+async fn open(
+    t: &TestHub,
+    sasl: Option<fe2o3_amqp::sasl_profile::SaslProfile>,
+) -> Result<Client, String> {
+    let stream = t.tls_stream(t.amqp).await;
+    let mut builder = Connection::builder()
+        .container_id("test")
+        .hostname("localhost");
+    if let Some(profile) = sasl {
+        builder = builder.sasl_profile(profile);
+    }
+    let mut connection = tokio::time::timeout(WAIT, builder.open_with_stream(stream))
+        .await
+        .map_err(|_| "open timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let session = Session::begin(&mut connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Client {
+        connection,
+        session,
+    })
+}
+
+impl Client {
+    /// Puts `token` on `$cbs` and returns the reply's status code.
+    async fn put_token(&mut self, audience: &str, token: &str) -> i32 {
+        let mut sender = Sender::attach(&mut self.session, "cbs-out", "$cbs")
+            .await
+            .unwrap();
+        let mut receiver = Receiver::attach(&mut self.session, "cbs-in", "$cbs")
+            .await
+            .unwrap();
+        let request = Message::builder()
+            .properties(
+                fe2o3_amqp::types::messaging::Properties::builder()
+                    .message_id(String::from("put-1"))
+                    .build(),
+            )
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("operation", "put-token")
+                    .insert("type", "servicebus.windows.net:sastoken")
+                    .insert("name", audience)
+                    .build(),
+            )
+            .value(token.to_owned())
+            .build();
+        sender.send(request).await.unwrap();
+        let reply = tokio::time::timeout(WAIT, receiver.recv::<Body<Value>>())
+            .await
+            .expect("no put-token reply")
+            .unwrap();
+        receiver.accept(&reply).await.unwrap();
+        let status = reply
+            .message()
+            .application_properties
+            .as_ref()
+            .and_then(|p| p.0.get("status-code").cloned());
+        let _ = sender.close().await;
+        let _ = receiver.close().await;
+        match status {
+            Some(fe2o3_amqp::types::primitives::SimpleValue::Int(code)) => code,
+            other => panic!("status-code must be an int, got {other:?}"),
+        }
+    }
+
+    /// Attaches a receiver on `address` and returns the error condition the hub detaches it
+    /// with, if it does within a moment.
+    async fn refused_receiver(&mut self, address: &str) -> Option<String> {
+        static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "probe-{}",
+            PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let condition = |e: String| e.to_ascii_lowercase().replace(['-', '_'], "");
+        match Receiver::attach(&mut self.session, name, address).await {
+            Err(e) => Some(condition(format!("{e:?}"))),
+            Ok(mut receiver) => {
+                match tokio::time::timeout(
+                    Duration::from_millis(500),
+                    receiver.recv::<Body<Value>>(),
+                )
+                .await
+                {
+                    Ok(Err(e)) => Some(condition(format!("{e:?}"))),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = self.session.end().await;
+        let _ = self.connection.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_link_without_a_token_is_detached_unauthorized() {
+    let t = common::start().await;
+    t.device("amqp-d1").await;
+    let mut client = open(&t, None).await.unwrap();
+    let error = client.refused_receiver("/devices/amqp-d1/twin").await;
+    let error = error.expect("the hub must refuse the link");
+    assert!(error.contains("unauthorizedaccess"), "{error}");
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_token_for_one_device_does_not_open_another() {
+    let t = common::start().await;
+    let key1 = t.device("amqp-a").await;
+    t.device("amqp-b").await;
+    let mut client = open(&t, None).await.unwrap();
+    let status = client
+        .put_token(
+            "localhost/devices/amqp-a",
+            &identity_token("amqp-a", None, &key1),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Its own twin works …
+    assert!(client
+        .refused_receiver("/devices/amqp-a/twin")
+        .await
+        .is_none());
+    // … another device's twin, methods and cloud-to-device queue do not, nor the service side.
+    for address in [
+        "/devices/amqp-b/twin",
+        "/devices/amqp-b/methods/devicebound",
+        "/devices/amqp-b/messages/devicebound",
+        "/messages/serviceBound/feedback",
+    ] {
+        let error = client.refused_receiver(address).await;
+        let error = error.unwrap_or_else(|| panic!("{address} must be refused"));
+        assert!(error.contains("unauthorizedaccess"), "{address}: {error}");
+    }
+    client.close().await;
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_and_unknown_addresses_not_found() {
+    let t = common::start().await;
+    t.device("amqp-c").await;
+    let mut client = open(&t, None).await.unwrap();
+    let wrong_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    assert_eq!(
+        client
+            .put_token(
+                "localhost/devices/amqp-c",
+                &identity_token("amqp-c", None, wrong_key)
+            )
+            .await,
+        401
+    );
+    assert_eq!(client.put_token("localhost", "not a token").await, 401);
+    let error = client
+        .refused_receiver("/no/such/node")
+        .await
+        .expect("refused");
+    assert!(error.contains("notfound"), "{error}");
+    // The connection still works after all that.
+    assert_eq!(
+        client
+            .put_token("localhost", &policy_token("iothubowner"))
+            .await,
+        200
+    );
+    client.close().await;
+}
+
+#[tokio::test]
+async fn sasl_plain_with_a_bad_password_is_refused_and_a_good_one_authenticates() {
+    use fe2o3_amqp::sasl_profile::SaslProfile;
+    let t = common::start().await;
+    let key = t.device("amqp-plain").await;
+    let bad = open(
+        &t,
+        Some(SaslProfile::Plain {
+            username: "amqp-plain@sas.localhost".into(),
+            password: "SharedAccessSignature sr=x&sig=y&se=1".into(),
+        }),
+    )
+    .await;
+    assert!(
+        bad.is_err(),
+        "a bad PLAIN password must fail the SASL exchange"
+    );
+
+    let mut good = open(
+        &t,
+        Some(SaslProfile::Plain {
+            username: "amqp-plain@sas.localhost".into(),
+            password: identity_token("amqp-plain", None, &key),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(good
+        .refused_receiver("/devices/amqp-plain/twin")
+        .await
+        .is_none());
+    good.close().await;
+}
+
+#[tokio::test]
+async fn malformed_frames_end_only_that_connection() {
+    let t = common::start().await;
+    let key = t.device("amqp-m").await;
+    let mut good = open(&t, None).await.unwrap();
+    assert_eq!(
+        good.put_token(
+            "localhost/devices/amqp-m",
+            &identity_token("amqp-m", None, &key)
+        )
+        .await,
+        200
+    );
+
+    // A bad protocol header gets the supported one back, then the end.
+    let mut raw = t.tls_stream(t.amqp).await;
+    raw.write_all(b"HTTP/1.1").await.unwrap();
+    let mut header = [0u8; 8];
+    raw.read_exact(&mut header).await.unwrap();
+    assert_eq!(&header, b"AMQP\x03\x01\x00\x00");
+    assert_eq!(
+        tokio::time::timeout(WAIT, raw.read(&mut header))
+            .await
+            .unwrap()
+            .unwrap_or(0),
+        0
+    );
+
+    // After a valid header and Open, a frame of garbage ends that connection.
+    let garbage = [0, 0, 0, 16, 2, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4];
+    let open_frame = [
+        0, 0, 0, 17, 2, 0, 0, 0, 0x00, 0x53, 0x10, 0xc0, 0x04, 0x01, 0xa1, 0x01, b'x',
+    ];
+    let mut raw = t.tls_stream(t.amqp).await;
+    raw.write_all(b"AMQP\x00\x01\x00\x00").await.unwrap();
+    raw.write_all(&open_frame).await.unwrap();
+    raw.write_all(&garbage).await.unwrap();
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(WAIT, raw.read_to_end(&mut sink)).await;
+    assert!(
+        ended.is_ok(),
+        "the hub must close a connection that sent garbage"
+    );
+    assert!(
+        sink.starts_with(b"AMQP\x00\x01\x00\x00"),
+        "the hub answered the header"
+    );
+
+    // Garbage instead of Open: the connection ends at the latest when the open time-out
+    // (10 s) passes.
+    let mut raw = t.tls_stream(t.amqp).await;
+    raw.write_all(b"AMQP\x00\x01\x00\x00").await.unwrap();
+    raw.write_all(&garbage).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), raw.read_to_end(&mut sink)).await;
+    assert!(
+        ended.is_ok(),
+        "the hub must close a connection that never opens"
+    );
+
+    // A frame claiming 2 GB ends its connection without the hub allocating it.
+    let mut raw = t.tls_stream(t.amqp).await;
+    raw.write_all(b"AMQP\x00\x01\x00\x00").await.unwrap();
+    raw.write_all(&[0x7f, 0xff, 0xff, 0xff, 2, 0, 0, 0])
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(WAIT, raw.read_to_end(&mut sink)).await;
+    assert!(
+        ended.is_ok(),
+        "the hub must close a connection with an oversized frame"
+    );
+
+    // The well-behaved connection is unaffected.
+    assert!(good
+        .refused_receiver("/devices/amqp-m/twin")
+        .await
+        .is_none());
+    good.close().await;
+}
+
+#[tokio::test]
+async fn a_telemetry_flood_is_accepted_in_order_and_a_twin_flood_without_reader_does_not_block() {
+    let t = common::start().await;
+    let key = t.device("amqp-f").await;
+    let mut client = open(&t, None).await.unwrap();
+    assert_eq!(
+        client
+            .put_token(
+                "localhost/devices/amqp-f",
+                &identity_token("amqp-f", None, &key)
+            )
+            .await,
+        200
+    );
+    let mut events = Sender::attach(
+        &mut client.session,
+        "events",
+        "/devices/amqp-f/messages/events",
+    )
+    .await
+    .unwrap();
+    let mut pending = Vec::new();
+    for i in 0..500 {
+        let fut = events.send_batchable(format!("m{i}")).await.unwrap();
+        pending.push(fut);
+    }
+    for fut in pending {
+        assert!(matches!(fut.await.unwrap(), Outcome::Accepted(_)));
+    }
+    // Every one was recorded (the log keeps only the newest per shard, so count sequence numbers).
+    assert_eq!(t.hub.telemetry().last_sequence(), 500);
+
+    // Twin requests whose responses nobody reads (no receiver on the twin node): the requests
+    // are still settled, and the connection stays usable.
+    let mut twin = Sender::attach(&mut client.session, "twin-out", "/devices/amqp-f/twin")
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        let mut annotations = fe2o3_amqp::types::primitives::OrderedMap::new();
+        annotations.insert(
+            fe2o3_amqp::types::primitives::Symbol::from("operation").into(),
+            Value::String("GET".into()),
+        );
+        let message = Message::builder()
+            .message_annotations(fe2o3_amqp::types::messaging::MessageAnnotations(
+                annotations,
+            ))
+            .data(fe2o3_amqp::types::primitives::Binary::from(Vec::new()))
+            .build();
+        let outcome = tokio::time::timeout(WAIT, twin.send(message))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)));
+    }
+    let _ = twin.close().await;
+    let _ = events.close().await;
+    client.close().await;
+}
