@@ -1,7 +1,7 @@
 # iothub-emulator: a local Azure IoT Hub emulator, as a container.
 #
 #   docker build -t iothub-emulator .
-#   docker run --rm -p 443:443 -p 8883:8883 -v iothub-certs:/certs iothub-emulator
+#   docker run --rm -p 443:443 -p 8883:8883 -p 5671:5671 -v iothub-certs:/certs iothub-emulator
 #
 # The image runs as the non-root user `iothub` (uid 10001) and still serves 443 and 8883: the
 # binary carries the CAP_NET_BIND_SERVICE file capability. The CA it creates on first start is
@@ -45,8 +45,8 @@ RUN set -eux; \
 
 VOLUME ["/certs", "/data"]
 # 443: service REST API, MQTT over WebSockets, /_emulator control API, web portal.
-# 8883: MQTT over TLS.
-EXPOSE 443 8883
+# 8883: MQTT over TLS. 5671: AMQP over TLS (devices, service C2D, Event Hub-compatible endpoint).
+EXPOSE 443 8883 5671
 
 # Liveness from inside the container (it listens on 0.0.0.0, so 127.0.0.1 reaches it; the
 # certificate always covers 127.0.0.1). --insecure because this probe checks that the hub

@@ -71,7 +71,7 @@ for needle in \
   'chmod 0755 /certs' \
   'chmod 0700 /data' \
   'VOLUME ["/certs", "/data"]' \
-  'EXPOSE 443 8883' \
+  'EXPOSE 443 8883 5671' \
   'HEALTHCHECK' \
   "USER $RUN_USER" \
   'ENTRYPOINT ["iothub-emulator", "--bind", "0.0.0.0", "--certs-dir", "/certs"]'; do
@@ -177,7 +177,7 @@ import random, socket
 for _ in range(300):
     address = f"127.0.0.{random.randint(2, 250)}"
     ok = True
-    for port in (443, 8883):
+    for port in (443, 8883, 5671):
         with socket.socket() as s:
             try:
                 s.bind((address, port))
@@ -188,7 +188,7 @@ for _ in range(300):
         print(address)
         break
 else:
-    raise SystemExit("no 127.0.0.X with 443 and 8883 free")
+    raise SystemExit("no 127.0.0.X with 443, 8883 and 5671 free")
 PY
 }
 ADDR="$(pick_address)"

@@ -32,6 +32,7 @@ impl Emulator {
         let mut child = Command::new(env!("CARGO_BIN_EXE_iothub-emulator"))
             .args(["--bind", "127.0.0.1", "--https-port", &https.to_string()])
             .args(["--mqtt-port", &mqtt.to_string()])
+            .args(["--amqp-port", &free_port().to_string()])
             .arg("--certs-dir")
             .arg(certs)
             .arg("--data-dir")

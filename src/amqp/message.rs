@@ -199,13 +199,20 @@ pub fn telemetry_of(message: &AmqpMessage) -> Incoming {
                 .map(|t| timestamp_text(t.milliseconds())),
         );
     }
-    for key in ["iothub-outputname", "x-opt-output-name"] {
-        if let Some(output) = annotation_text(message, key) {
-            properties.push(("$.on".to_owned(), Some(output)));
-            break;
+    // The Node SDK puts the interface id and `dt-subject` in message annotations.
+    for (annotation, key) in [("iothub-interface-id", "$.ifid"), ("dt-subject", "$.sub")] {
+        if let Some(value) = annotation_text(message, annotation) {
+            properties.push((key.to_owned(), Some(value)));
         }
     }
-    properties.extend(properties_of(message));
+    // A module output's name is the application property `iothub-outputname`.
+    for (key, value) in properties_of(message) {
+        if key == "iothub-outputname" {
+            properties.push(("$.on".to_owned(), value));
+        } else {
+            properties.push((key, value));
+        }
+    }
     Incoming {
         properties,
         body: body_bytes(&message.body),

@@ -10,6 +10,11 @@
 //!
 //! A deleted record is marked `deleted` under its lock before it leaves the map, so an operation
 //! that fetched the `Arc` just before the delete sees "not found" instead of writing to a ghost.
+//!
+//! Queries walk the devices in id order through a second map, the ordered index. It is written
+//! only when a device is created or deleted (never on the twin path), and a scan holds it only
+//! while it copies the next few hundred entries. Lock order: a `DashMap` shard, then the index,
+//! then a record; nothing takes them in another order.
 
 pub mod identity;
 
@@ -25,11 +30,11 @@ use dashmap::DashMap;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::cell::OnceCell;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 /// The identity a device connection or a twin belongs to: a device, or a module of a device.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -141,6 +146,10 @@ pub struct Registry {
     /// One record per device; see the module docs for the locking rules. Ids are shared
     /// (`Arc<str>`) so that a scan can order them without copying each one.
     devices: DashMap<Arc<str>, Arc<Mutex<DeviceRecord>>>,
+    /// The same records ordered by id, for scans: a query then needs neither a sort nor a heap
+    /// of all ids, and a page starts where the previous one stopped instead of at the first id.
+    /// May briefly hold a record that is already deleted; scans skip those.
+    index: RwLock<BTreeMap<Arc<str>, Arc<Mutex<DeviceRecord>>>>,
     /// Source of identity etags; a global atomic, not a lock.
     etag_seq: AtomicU64,
     /// Source of cloud-to-device lock tokens.
@@ -156,6 +165,7 @@ impl Registry {
     pub fn new(max_modules: usize) -> Self {
         Self {
             devices: DashMap::new(),
+            index: RwLock::new(BTreeMap::new()),
             etag_seq: AtomicU64::new(1),
             c2d_seq: AtomicU64::new(1),
             max_modules,
@@ -182,9 +192,12 @@ impl Registry {
             }
             max_etag = max_etag.max(etags.into_iter().max().unwrap_or(0));
             max_token = max_token.max(record.c2d.iter().map(|m| m.lock_token).max().unwrap_or(0));
+            let id: Arc<str> = id.into();
+            let record = Arc::new(Mutex::new(record));
             registry
-                .devices
-                .insert(id.into(), Arc::new(Mutex::new(record)));
+                .index_mut()
+                .insert(Arc::clone(&id), Arc::clone(&record));
+            registry.devices.insert(id, record);
         }
         registry.etag_seq = AtomicU64::new(max_etag + 1);
         registry.c2d_seq = AtomicU64::new(max_token + 1);
@@ -258,6 +271,13 @@ impl Registry {
         f(&mut guard)
     }
 
+    /// The ordered index, to add or remove a device.
+    fn index_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<Arc<str>, Arc<Mutex<DeviceRecord>>>> {
+        self.index
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     // ----- devices -----
 
     /// `PUT /devices/{id}`: create (no If-Match) or update (If-Match `*` or an etag).
@@ -286,7 +306,10 @@ impl Registry {
                         deleted: false,
                     };
                     self.persist(device_id, &record)?;
-                    slot.insert(Arc::new(Mutex::new(record)));
+                    let record = Arc::new(Mutex::new(record));
+                    self.index_mut()
+                        .insert(Arc::clone(slot.key()), Arc::clone(&record));
+                    slot.insert(record);
                     Ok(json)
                 }
             };
@@ -338,7 +361,16 @@ impl Registry {
             rec.deleted = true;
             Ok(())
         })?;
-        self.devices.remove(device_id);
+        if let Some((_, record)) = self.devices.remove(device_id) {
+            let mut index = self.index_mut();
+            // A device created again under the same id since then stays.
+            if index
+                .get(device_id)
+                .is_some_and(|r| Arc::ptr_eq(r, &record))
+            {
+                index.remove(device_id);
+            }
+        }
         Ok(())
     }
 
@@ -548,37 +580,49 @@ impl Registry {
         plan: RowPlan<'_>,
         mut visit: impl FnMut(IdentityKey, Value) -> bool,
     ) {
-        // Ids in order from `after` on, without sorting them all: a heap yields them one by one,
-        // so a page that fills early costs a linear pass instead of a full sort.
-        let ids: Vec<Reverse<ScanEntry>> = self
-            .devices
-            .iter()
-            .filter(|e| after.is_none_or(|a| **e.key() >= *a.device_id))
-            .map(|e| Reverse(ScanEntry(Arc::clone(e.key()), Arc::clone(e.value()))))
-            .collect();
-        let mut ids = BinaryHeap::from(ids);
-        while let Some(Reverse(ScanEntry(_, record))) = ids.pop() {
-            for (key, row) in rows_of(&record, modules, after, plan) {
-                if !visit(key, row) {
-                    return;
-                }
-            }
-        }
+        let from = after.map_or(Bound::Unbounded, |a| Bound::Included(a.device_id.as_str()));
+        self.walk_devices(from, |record| {
+            rows_of(record, modules, after, plan)
+                .into_iter()
+                .all(|(key, row)| visit(key, row))
+        });
     }
 
-    /// Like [`scan_twins`](Self::scan_twins) over every twin, for aggregates: they need every
-    /// row, so one sort up front is cheaper than a heap; identity order keeps GROUP BY output
-    /// stable.
+    /// Like [`scan_twins`](Self::scan_twins) over every twin, for aggregates (identity order
+    /// keeps GROUP BY output stable).
     pub fn scan_all_twins(&self, modules: bool, plan: RowPlan<'_>, mut visit: impl FnMut(Value)) {
-        let mut records: Vec<(Arc<str>, Arc<Mutex<DeviceRecord>>)> = self
-            .devices
-            .iter()
-            .map(|e| (Arc::clone(e.key()), Arc::clone(e.value())))
-            .collect();
-        records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (_, record) in records {
-            for (_, row) in rows_of(&record, modules, None, plan) {
+        self.walk_devices(Bound::Unbounded, |record| {
+            for (_, row) in rows_of(record, modules, None, plan) {
                 visit(row);
+            }
+            true
+        });
+    }
+
+    /// Feeds the device records from id `from` on, in id order, to `visit` until it returns
+    /// `false`. The index is read a chunk at a time and released before `visit` runs, so
+    /// devices created meanwhile wait at most for one chunk's copy.
+    fn walk_devices(&self, from: Bound<&str>, mut visit: impl FnMut(&Mutex<DeviceRecord>) -> bool) {
+        const CHUNK: usize = 256;
+        let mut chunk: Vec<(Arc<str>, Arc<Mutex<DeviceRecord>>)> = Vec::with_capacity(CHUNK);
+        let mut next: Option<Arc<str>> = None;
+        loop {
+            {
+                let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+                let lower = next.as_deref().map_or(from, Bound::Excluded);
+                chunk.extend(
+                    index
+                        .range::<str, _>((lower, Bound::Unbounded))
+                        .take(CHUNK)
+                        .map(|(id, r)| (Arc::clone(id), Arc::clone(r))),
+                );
+            }
+            let Some((last, _)) = chunk.last() else {
+                return;
+            };
+            next = Some(Arc::clone(last));
+            if !chunk.drain(..).all(|(_, record)| visit(&record)) {
+                return;
             }
         }
     }
@@ -670,6 +714,7 @@ impl Registry {
             lock(&r).deleted = true;
         }
         self.devices.clear();
+        self.index_mut().retain(|_, r| !lock(r).deleted);
         if let Some(store) = &self.store {
             if let Err(e) = store.clear() {
                 tracing::error!(error = %e, "clearing the data dir failed");
@@ -804,30 +849,6 @@ fn rows_of(
             (key, twin_row(device, module, twin, plan.shape))
         })
         .collect()
-}
-
-/// A device in a scan's heap: ordered by id, carrying its record so the scan need not look it
-/// up again.
-struct ScanEntry(Arc<str>, Arc<Mutex<DeviceRecord>>);
-
-impl PartialEq for ScanEntry {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-
-impl Eq for ScanEntry {}
-
-impl PartialOrd for ScanEntry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ScanEntry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.cmp(&other.0)
-    }
 }
 
 fn lock(record: &Mutex<DeviceRecord>) -> MutexGuard<'_, DeviceRecord> {

@@ -321,6 +321,7 @@ fn run(args: RunArgs) -> Result<bool> {
         .args(["--hostname", "localhost", "--bind", "127.0.0.1"])
         .args(["--https-port", &https_port.to_string()])
         .args(["--mqtt-port", &mqtt_port.to_string()])
+        .args(["--amqp-port", &proc_stats::free_port()?.to_string()])
         .arg("--certs-dir")
         .arg(&certs)
         .env("RUST_LOG", &args.emulator_log);

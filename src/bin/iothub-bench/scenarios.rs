@@ -143,6 +143,7 @@ pub fn startup(
             .args(["--hostname", "localhost", "--bind", "127.0.0.1"])
             .args(["--https-port", &proc_stats::free_port()?.to_string()])
             .args(["--mqtt-port", &proc_stats::free_port()?.to_string()])
+            .args(["--amqp-port", &proc_stats::free_port()?.to_string()])
             .arg("--certs-dir")
             .arg(certs_dir)
             .env("RUST_LOG", "iothub_emulator=warn");
