@@ -364,3 +364,39 @@ async fn a_telemetry_flood_is_accepted_in_order_and_a_twin_flood_without_reader_
     let _ = events.close().await;
     client.close().await;
 }
+
+#[tokio::test]
+async fn a_token_that_expires_without_renewal_closes_the_connection() {
+    use iothub_emulator::auth::{sas::make_token, SymmetricKey};
+    let t = common::start().await;
+    let key = t.device("amqp-exp").await;
+    let mut client = open(&t, None).await.unwrap();
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2;
+    let token = make_token(
+        "localhost/devices/amqp-exp",
+        &SymmetricKey::parse(&key).unwrap(),
+        None,
+        expiry,
+    );
+    assert_eq!(client.put_token("localhost/devices/amqp-exp", &token).await, 200);
+    let mut twin = Receiver::attach(&mut client.session, "twin-in", "/devices/amqp-exp/twin")
+        .await
+        .unwrap();
+    // The hub closes the connection when the token expires (within about 3 s), so the link
+    // ends with an error rather than waiting forever.
+    let ended = tokio::time::timeout(Duration::from_secs(6), twin.recv::<Body<Value>>()).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "the link must end when the connection's only token expires"
+    );
+    let key = iothub_emulator::registry::IdentityKey::device("amqp-exp");
+    let deadline = std::time::Instant::now() + WAIT;
+    while t.hub.connections().is_connected(&key) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!t.hub.connections().is_connected(&key), "the identity must be offline");
+}

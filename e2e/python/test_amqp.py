@@ -400,8 +400,8 @@ def test_amqp_send_c2d_message_reaches_a_node_amqp_device(hub, registry, new_dev
     assert got["ack"] == "full"
     assert got["properties"] == TRICKY_PROPERTIES
     node.wait_for("completed")
-    node.wait_for("done")
     assert wait_for_c2d_count(registry, device.device_id, 0) == 0
+    node.wait_for("done")  # client.close(): the connection closes cleanly
 
 
 @pytest.mark.timeout(60)
@@ -513,7 +513,6 @@ def test_amqp_eventhub_consumer_reads_node_amqp_telemetry_from_an_enqueued_time(
     )
     node.wait_for("open")
     node.wait_for("sent")
-    node.wait_for("done")
 
     [(partition_id, event)] = run(receive_events(hub, from_device(device.device_id), 1, starting_position=start))
     check_event_metadata(partition_id, event, device_id=device.device_id, module_id=None, sent_after=start)
@@ -524,3 +523,4 @@ def test_amqp_eventhub_consumer_reads_node_amqp_telemetry_from_an_enqueued_time(
     assert sp[b"content-encoding"] == b"utf-8"
     assert event.body_as_str() == body
     assert event.properties == {k.encode(): v.encode() for k, v in TRICKY_PROPERTIES.items()}
+    node.wait_for("done")  # client.close(): the connection closes cleanly

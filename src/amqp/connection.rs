@@ -26,6 +26,8 @@ use tokio::sync::{mpsc, Notify};
 
 /// How long a client has to send its protocol header and complete SASL and Open.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the hub waits for the peer's Close reply before dropping the socket.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest frame accepted (IoT Hub's 256 KB message limit plus headers).
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024 + 16 * 1024;
 /// Idle time-out announced in Open (IoT Hub announces 4 minutes).
@@ -252,15 +254,7 @@ where
     }
 
     let closing = serve_sessions(&conn, &mut connection).await;
-    match closing {
-        Some(e) => {
-            tracing::info!(peer = %conn.peer, error = ?e.description, "closing amqp connection");
-            let _ = connection.close_with_error(e).await;
-        }
-        None => {
-            let _ = connection.close().await;
-        }
-    }
+    // The identities are offline from here, whether or not the peer answers the Close.
     let devices: Vec<_> = conn
         .devices
         .lock()
@@ -270,6 +264,18 @@ where
     for (_, presence) in devices {
         presence.unregister(&conn.hub);
     }
+    let close = async {
+        match closing {
+            Some(e) => {
+                tracing::info!(peer = %conn.peer, error = ?e.description, "closing amqp connection");
+                let _ = connection.close_with_error(e).await;
+            }
+            None => {
+                let _ = connection.close().await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     tracing::info!(peer = %conn.peer, "amqp connection closed");
 }
 

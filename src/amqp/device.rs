@@ -48,6 +48,8 @@ pub struct Presence {
     features: AtomicU8,
     /// Woken when cloud-to-device messages are queued.
     c2d: Notify,
+    /// Cleared when the connection ends: links closing after that change nothing.
+    active: AtomicBool,
 }
 
 impl Presence {
@@ -65,12 +67,14 @@ impl Presence {
             desired: AtomicBool::new(false),
             features: AtomicU8::new(0),
             c2d: Notify::new(),
+            active: AtomicBool::new(true),
         });
         (presence, registration)
     }
 
     /// The connection ended: the identity is disconnected, unless a newer connection took over.
     pub fn unregister(&self, hub: &Hub) {
+        self.active.store(false, Ordering::Release);
         if hub
             .connections()
             .unregister(&self.key, self.registration_id)
@@ -81,6 +85,9 @@ impl Presence {
     }
 
     fn set_feature(&self, hub: &Hub, feature: Feature, on: bool) {
+        if !self.active.load(Ordering::Acquire) {
+            return;
+        }
         let bits = if on {
             self.features.fetch_or(feature.bit(), Ordering::AcqRel) | feature.bit()
         } else {

@@ -1322,4 +1322,45 @@ mod tests {
         reg.scan_all_twins(false, query.filter_shape(), |_| count += 1);
         assert_eq!(count, 1);
     }
+
+    #[test]
+    fn scans_walk_every_live_device_in_order_across_chunks() {
+        let reg = Registry::new(50);
+        let ids: Vec<String> = (0..600).rev().map(|i| format!("dev{i:03}")).collect();
+        for id in &ids {
+            reg.put_device(id, &Map::new(), &IfMatch::Absent).unwrap();
+        }
+        reg.delete_device("dev100", &IfMatch::Any).unwrap();
+        reg.delete_device("dev200", &IfMatch::Any).unwrap();
+        reg.put_device("dev200", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        let all = || {
+            let mut seen = Vec::new();
+            reg.scan_all_twins(false, RowPlan::all(RowShape::FULL), |row| {
+                seen.push(row["deviceId"].as_str().unwrap().to_owned());
+            });
+            seen
+        };
+        let mut expected: Vec<String> = ids.into_iter().filter(|i| i != "dev100").collect();
+        expected.sort();
+        assert_eq!(all(), expected);
+        // Resuming after a key, and stopping early.
+        let mut page = Vec::new();
+        let after = IdentityKey::device("dev299");
+        reg.scan_twins(
+            false,
+            Some(&after),
+            RowPlan::all(RowShape::FULL),
+            |key, _| {
+                page.push(key.device_id);
+                page.len() < 3
+            },
+        );
+        assert_eq!(page, ["dev300", "dev301", "dev302"]);
+        reg.clear();
+        assert!(all().is_empty());
+        reg.put_device("again", &Map::new(), &IfMatch::Absent)
+            .unwrap();
+        assert_eq!(all(), ["again"]);
+    }
 }
