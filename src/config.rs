@@ -69,11 +69,7 @@ impl Config {
 
     /// The owner policy's connection string, as printed at start-up.
     pub fn owner_connection_string(&self) -> String {
-        let owner = self
-            .policies
-            .iter()
-            .find(|p| p.name == "iothubowner")
-            .expect("the iothubowner policy always exists");
+        let owner = self.owner_policy();
         format!(
             "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
             self.hostname,
@@ -81,14 +77,17 @@ impl Config {
         )
     }
 
+    fn owner_policy(&self) -> &crate::auth::Policy {
+        self.policies
+            .iter()
+            .find(|p| p.name == "iothubowner")
+            .expect("the iothubowner policy always exists")
+    }
+
     /// The Event Hub-compatible endpoint's connection string (owner policy), as the Event Hubs
     /// SDKs take it.
     pub fn event_hub_connection_string(&self) -> String {
-        let owner = self
-            .policies
-            .iter()
-            .find(|p| p.name == "iothubowner")
-            .expect("the iothubowner policy always exists");
+        let owner = self.owner_policy();
         format!(
             "Endpoint=sb://{}/;SharedAccessKeyName=iothubowner;SharedAccessKey={};EntityPath={}",
             self.hostname,

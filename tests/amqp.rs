@@ -382,7 +382,10 @@ async fn a_token_that_expires_without_renewal_closes_the_connection() {
         None,
         expiry,
     );
-    assert_eq!(client.put_token("localhost/devices/amqp-exp", &token).await, 200);
+    assert_eq!(
+        client.put_token("localhost/devices/amqp-exp", &token).await,
+        200
+    );
     let mut twin = Receiver::attach(&mut client.session, "twin-in", "/devices/amqp-exp/twin")
         .await
         .unwrap();
@@ -398,5 +401,8 @@ async fn a_token_that_expires_without_renewal_closes_the_connection() {
     while t.hub.connections().is_connected(&key) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(!t.hub.connections().is_connected(&key), "the identity must be offline");
+    assert!(
+        !t.hub.connections().is_connected(&key),
+        "the identity must be offline"
+    );
 }

@@ -8,13 +8,13 @@
 //! number and offset: increasing within a partition, though not contiguous.
 
 use super::connection::{error, refuse, AmqpMessage, Conn};
-use super::message::{data_body, id_value, property_text};
+use super::message::{full_message, id_value, property_text};
 use super::service::status_reply;
 use crate::hub::Hub;
 use crate::telemetry::Message;
 use fe2o3_amqp::acceptor::LinkEndpoint;
 use fe2o3_amqp::link::delivery::Sendable;
-use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, MessageAnnotations, Properties};
+use fe2o3_amqp::types::messaging::{Body, Properties};
 use fe2o3_amqp::types::primitives::{
     Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value,
 };
@@ -380,15 +380,7 @@ fn event_message(hub: &Hub, m: &Message) -> AmqpMessage {
         };
         application.insert(k.clone(), value);
     }
-    AmqpMessage {
-        header: None,
-        delivery_annotations: None,
-        message_annotations: Some(MessageAnnotations(annotations)),
-        properties: Some(properties),
-        application_properties: Some(ApplicationProperties(application)),
-        body: data_body(m.body.to_vec()),
-        footer: None,
-    }
+    full_message(annotations, properties, application, &m.body)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use super::connection::AmqpMessage;
 use crate::c2d::{CloudMessage, DEFAULT_TTL, MAX_TTL};
 use crate::telemetry::Incoming;
 use bytes::Bytes;
+use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, MessageAnnotations, MessageId, Properties,
 };
@@ -299,13 +300,24 @@ pub fn device_message_of(message: &CloudMessage, device_id: &str) -> AmqpMessage
         Symbol::from("iothub-deliverycount").into(),
         Value::Int(message.delivery_count as i32),
     );
+    full_message(annotations, properties, application, &message.body)
+}
+
+/// A message with every section IoT Hub fills: annotations, properties, application
+/// properties and a data body.
+pub fn full_message(
+    annotations: OrderedMap<OwnedKey, Value>,
+    properties: Properties,
+    application: OrderedMap<String, SimpleValue>,
+    body: &[u8],
+) -> AmqpMessage {
     AmqpMessage {
         header: None,
         delivery_annotations: None,
         message_annotations: Some(MessageAnnotations(annotations)),
         properties: Some(properties),
         application_properties: Some(ApplicationProperties(application)),
-        body: data_body(message.body.to_vec()),
+        body: data_body(body.to_vec()),
         footer: None,
     }
 }

@@ -445,17 +445,7 @@ impl TestHub {
 
     /// A raw TLS connection to `addr` (the MQTT or the HTTPS port), trusting the hub's CA.
     pub async fn raw_tls(&self, addr: SocketAddr) -> RawMqtt {
-        let connect = async {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let server_name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-            tokio_rustls::TlsConnector::from(self.tls_client())
-                .connect(server_name, tcp)
-                .await
-                .unwrap()
-        };
-        let stream = tokio::time::timeout(WAIT, connect)
-            .await
-            .expect("TLS handshake timed out");
+        let stream = self.tls_stream(addr).await;
         RawMqtt {
             stream,
             buf: BytesMut::new(),
