@@ -1,9 +1,11 @@
 //! Twin documents: tags, desired and reported properties, their versions and `$metadata`.
 //!
 //! This module is pure logic with no locking: the registry owns one [`Twin`] per device and per
-//! module under that identity's lock. Every write is validated *before* anything changes
-//! ([`Twin::patch_desired`] and friends build the new section on a copy and commit it only when
-//! every limit holds), so a rejected patch leaves the twin exactly as it was.
+//! module under that identity's lock. Every write is checked completely *before* anything
+//! changes, so a rejected patch leaves the twin exactly as it was: a patch is validated, and the
+//! size its section would have after the merge is worked out without merging; only then is it
+//! merged in place, which cannot fail. A small patch thus costs in proportion to the patch, not
+//! to a copy of the whole section.
 //!
 //! Rules (`shared/protocol.md` D; Microsoft's "Understand and use device twins in IoT Hub"):
 //! - PATCH merges recursively; `null` deletes; any non-object value, arrays included, replaces.
@@ -64,15 +66,42 @@ impl Meta {
     }
 
     fn to_json(&self) -> Value {
-        let mut out = Map::new();
-        out.insert("$lastUpdated".into(), json!(self.last_updated.to_string()));
+        self.to_json_with(&mut StampText::default())
+    }
+
+    fn to_json_with(&self, stamps: &mut StampText) -> Value {
+        let mut out = Map::with_capacity(2 + self.children.len());
+        out.insert(
+            "$lastUpdated".into(),
+            Value::String(stamps.format(self.last_updated)),
+        );
         if let Some(v) = self.last_updated_version {
             out.insert("$lastUpdatedVersion".into(), json!(v));
         }
         for (k, child) in &self.children {
-            out.insert(k.clone(), child.to_json());
+            out.insert(k.clone(), child.to_json_with(stamps));
         }
         Value::Object(out)
+    }
+}
+
+/// Timestamps as text, formatting each one once per `$metadata` tree: a write stamps every node
+/// it touches with the same instant, so neighbouring nodes mostly share their `$lastUpdated`.
+#[derive(Default)]
+struct StampText {
+    last: Option<(Timestamp, String)>,
+}
+
+impl StampText {
+    fn format(&mut self, at: Timestamp) -> String {
+        match &self.last {
+            Some((t, text)) if *t == at => text.clone(),
+            _ => {
+                let text = at.to_string();
+                self.last = Some((at, text.clone()));
+                text
+            }
+        }
     }
 }
 
@@ -112,6 +141,15 @@ impl Section {
         Value::Object(out)
     }
 
+    /// The section for the service (`metadata`: with `$metadata`) or for a device.
+    pub fn to_json(&self, metadata: bool) -> Value {
+        if metadata {
+            self.to_service_json()
+        } else {
+            self.to_device_json()
+        }
+    }
+
     /// The section's `$metadata` as the service sees it.
     pub fn metadata_json(&self) -> Value {
         self.meta.to_json()
@@ -124,20 +162,36 @@ impl Section {
         Value::Object(out)
     }
 
-    /// Merges `patch` into a copy, checks limits, and only then commits.
+    /// Checks `patch`, then merges it in place (see the module docs).
     fn patch(&mut self, patch: &Map<String, Value>, max_bytes: usize, what: &str) -> HubResult<()> {
-        validate_object(patch, 1, what, true)?;
+        self.check_patch(patch, max_bytes, what)?;
+        self.apply_patch(patch);
+        Ok(())
+    }
+
+    /// Every check [`patch`](Self::patch) makes, without changing anything.
+    fn check_patch(
+        &self,
+        patch: &Map<String, Value>,
+        max_bytes: usize,
+        what: &str,
+    ) -> HubResult<()> {
+        validate_object(patch, 1, &Place::Root(what), true)?;
+        check_size(merged_size(Some(&self.properties), patch), max_bytes, what)
+    }
+
+    /// Merges a checked patch: properties, `$metadata`, `$version`.
+    fn apply_patch(&mut self, patch: &Map<String, Value>) {
         let version = self.version + 1;
         let stamp_version = self.versioned_meta.then_some(version);
-        let now = Timestamp::now();
-        let mut properties = self.properties.clone();
-        let mut meta = self.meta.clone();
-        merge(&mut properties, &mut meta, patch, now, stamp_version);
-        check_size(&properties, max_bytes, what)?;
-        self.properties = properties;
-        self.meta = meta;
+        merge(
+            &mut self.properties,
+            &mut self.meta,
+            patch,
+            Timestamp::now(),
+            stamp_version,
+        );
         self.version = version;
-        Ok(())
     }
 
     /// Replaces the whole section, after the same checks as a patch.
@@ -147,8 +201,8 @@ impl Section {
         max_bytes: usize,
         what: &str,
     ) -> HubResult<()> {
-        validate_object(&properties, 1, what, false)?;
-        check_size(&properties, max_bytes, what)?;
+        validate_object(&properties, 1, &Place::Root(what), false)?;
+        check_size(size_of(&properties), max_bytes, what)?;
         let version = self.version + 1;
         let stamp_version = self.versioned_meta.then_some(version);
         let whole = Value::Object(properties);
@@ -242,26 +296,28 @@ impl Twin {
         if tags.is_none() && desired.is_none() {
             return Ok(None);
         }
-        let mut next = self.clone();
+        // Both parts are checked before either is applied.
         if let Some(tags) = tags {
+            validate_object(tags, 1, &Place::Root("tags"), true)?;
+            check_size(merged_size(Some(&self.tags), tags), TAGS_MAX_BYTES, "tags")?;
+        }
+        if let Some(desired) = &desired {
+            self.desired
+                .check_patch(desired, PROPERTIES_MAX_BYTES, "properties.desired")?;
+        }
+        if let Some(tags) = tags {
+            // Tags have no `$metadata`: the merge's is thrown away.
             let mut meta = Meta::stamp(Timestamp::NEVER, None);
-            validate_object(tags, 1, "tags", true)?;
-            let mut merged = next.tags.clone();
-            merge(&mut merged, &mut meta, tags, Timestamp::now(), None);
-            check_size(&merged, TAGS_MAX_BYTES, "tags")?;
-            next.tags = merged;
+            merge(&mut self.tags, &mut meta, tags, Timestamp::now(), None);
         }
         let mut notification = None;
-        if let Some(desired) = desired {
-            next.desired
-                .patch(&desired, PROPERTIES_MAX_BYTES, "properties.desired")?;
-            let mut patch = desired;
-            patch.insert("$version".into(), json!(next.desired.version));
+        if let Some(mut patch) = desired {
+            self.desired.apply_patch(&patch);
+            patch.insert("$version".into(), json!(self.desired.version));
             notification = Some(Value::Object(patch));
         }
-        next.version += 1;
-        next.etag_counter += 1;
-        *self = next;
+        self.version += 1;
+        self.etag_counter += 1;
         Ok(notification)
     }
 
@@ -270,18 +326,17 @@ impl Twin {
     pub fn replace_from_service(&mut self, body: &Map<String, Value>) -> HubResult<Value> {
         let (tags, desired) = writable_parts(body)?;
         let tags = tags.cloned().unwrap_or_default();
-        validate_object(&tags, 1, "tags", false)?;
-        check_size(&tags, TAGS_MAX_BYTES, "tags")?;
-        let mut next = self.clone();
-        next.tags = tags;
-        next.desired.replace(
+        validate_object(&tags, 1, &Place::Root("tags"), false)?;
+        check_size(size_of(&tags), TAGS_MAX_BYTES, "tags")?;
+        // Checks everything before it changes anything.
+        self.desired.replace(
             desired.unwrap_or_default(),
             PROPERTIES_MAX_BYTES,
             "properties.desired",
         )?;
-        next.version += 1;
-        next.etag_counter += 1;
-        *self = next;
+        self.tags = tags;
+        self.version += 1;
+        self.etag_counter += 1;
         Ok(self.desired.to_device_json())
     }
 
@@ -295,10 +350,10 @@ impl Twin {
 
     /// The document a device gets for `$iothub/twin/GET` (`shared/protocol.md` C.6).
     pub fn to_device_json(&self) -> Value {
-        json!({
-            "desired": self.desired.to_device_json(),
-            "reported": self.reported.to_device_json(),
-        })
+        sections(
+            self.desired.to_device_json(),
+            self.reported.to_device_json(),
+        )
     }
 
     /// The twin-owned part of the service JSON: tags (left out when empty, as IoT Hub does),
@@ -311,29 +366,33 @@ impl Twin {
     /// does not ask for (queries read rows that are only as heavy as their conditions need).
     pub fn write_fields(&self, out: &mut Map<String, Value>, shape: RowShape) {
         if shape.identity {
-            out.insert("etag".into(), json!(self.etag()));
-            out.insert("version".into(), json!(self.version));
+            out.insert("etag".into(), Value::String(self.etag()));
+            out.insert("version".into(), Value::from(self.version));
         }
         if shape.tags && !self.tags.is_empty() {
             out.insert("tags".into(), Value::Object(self.tags.clone()));
         }
         if shape.properties {
-            let section = |s: &Section| {
-                if shape.metadata {
-                    s.to_service_json()
-                } else {
-                    s.to_device_json()
-                }
-            };
-            out.insert(
-                "properties".into(),
-                json!({
-                    "desired": section(&self.desired),
-                    "reported": section(&self.reported),
-                }),
-            );
+            out.insert("properties".into(), self.properties_json(shape.metadata));
         }
     }
+
+    /// `properties` as the service sees it, with or without `$metadata`.
+    pub fn properties_json(&self, metadata: bool) -> Value {
+        sections(
+            self.desired.to_json(metadata),
+            self.reported.to_json(metadata),
+        )
+    }
+}
+
+/// `{"desired": …, "reported": …}`. Built by hand: `json!` would copy both values through
+/// serde once more.
+fn sections(desired: Value, reported: Value) -> Value {
+    let mut out = Map::with_capacity(2);
+    out.insert("desired".into(), desired);
+    out.insert("reported".into(), reported);
+    Value::Object(out)
 }
 
 /// The parts of a service twin body that the service may write: tags, and desired properties.
@@ -384,27 +443,61 @@ fn merge(
                 target.remove(key);
                 meta.children.remove(key);
             }
+            // Keys are copied only for properties the patch adds.
             Value::Object(sub) => {
-                let slot = target
-                    .entry(key.clone())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !slot.is_object() {
-                    *slot = Value::Object(Map::new());
-                    meta.children.remove(key);
+                match target.get_mut(key) {
+                    Some(slot) if slot.is_object() => {}
+                    Some(slot) => {
+                        *slot = Value::Object(Map::new());
+                        meta.children.remove(key);
+                    }
+                    None => {
+                        target.insert(key.clone(), Value::Object(Map::new()));
+                    }
                 }
-                let child_meta = meta
-                    .children
-                    .entry(key.clone())
-                    .or_insert_with(|| Meta::stamp(at, version));
-                if let Value::Object(child) = slot {
+                if !meta.children.contains_key(key) {
+                    meta.children.insert(key.clone(), Meta::stamp(at, version));
+                }
+                if let (Some(Value::Object(child)), Some(child_meta)) =
+                    (target.get_mut(key), meta.children.get_mut(key))
+                {
                     merge(child, child_meta, sub, at, version);
                 }
             }
             leaf => {
-                target.insert(key.clone(), leaf.clone());
-                meta.children
-                    .insert(key.clone(), Meta::for_value(leaf, at, version));
+                match target.get_mut(key) {
+                    Some(slot) => *slot = leaf.clone(),
+                    None => {
+                        target.insert(key.clone(), leaf.clone());
+                    }
+                }
+                let stamp = Meta::for_value(leaf, at, version);
+                match meta.children.get_mut(key) {
+                    Some(child) => *child = stamp,
+                    None => {
+                        meta.children.insert(key.clone(), stamp);
+                    }
+                }
             }
+        }
+    }
+}
+
+/// Where a value sits (`properties.reported.a.b[2]`), for error messages: written out only
+/// when there is an error, so a valid patch costs no string building.
+enum Place<'a> {
+    /// The section checked: `tags`, `properties.desired`, …
+    Root(&'a str),
+    Key(&'a Place<'a>, &'a str),
+    Index(&'a Place<'a>, usize),
+}
+
+impl std::fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Root(what) => f.write_str(what),
+            Place::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Place::Index(parent, i) => write!(f, "{parent}[{i}]"),
         }
     }
 }
@@ -414,7 +507,7 @@ fn merge(
 fn validate_object(
     map: &Map<String, Value>,
     depth: usize,
-    path: &str,
+    path: &Place<'_>,
     allow_null: bool,
 ) -> HubResult<()> {
     if depth > MAX_DEPTH {
@@ -424,12 +517,17 @@ fn validate_object(
     }
     for (key, value) in map {
         validate_key(key, path)?;
-        validate_value(value, depth, &format!("{path}.{key}"), allow_null)?;
+        validate_value(value, depth, &Place::Key(path, key), allow_null)?;
     }
     Ok(())
 }
 
-fn validate_value(value: &Value, depth: usize, path: &str, allow_null: bool) -> HubResult<()> {
+fn validate_value(
+    value: &Value,
+    depth: usize,
+    path: &Place<'_>,
+    allow_null: bool,
+) -> HubResult<()> {
     match value {
         Value::Null if allow_null => Ok(()),
         Value::Null => Err(HubError::invalid(format!(
@@ -458,7 +556,7 @@ fn validate_value(value: &Value, depth: usize, path: &str, allow_null: bool) -> 
             // Array elements are values, not patches: a null inside an array is kept as data.
             for (i, item) in items.iter().enumerate() {
                 if !item.is_null() {
-                    validate_value(item, depth + 1, &format!("{path}[{i}]"), false)?;
+                    validate_value(item, depth + 1, &Place::Index(path, i), false)?;
                 }
             }
             Ok(())
@@ -467,7 +565,7 @@ fn validate_value(value: &Value, depth: usize, path: &str, allow_null: bool) -> 
     }
 }
 
-fn validate_key(key: &str, path: &str) -> HubResult<()> {
+fn validate_key(key: &str, path: &Place<'_>) -> HubResult<()> {
     let bad = |why: &str| {
         Err(HubError::invalid(format!(
             "{path}: property name '{}' {why}",
@@ -507,8 +605,26 @@ fn value_size(v: &Value) -> usize {
     }
 }
 
-fn check_size(map: &Map<String, Value>, max: usize, what: &str) -> HubResult<()> {
-    let size = size_of(map);
+/// The size `target` (absent: empty) would have after [`merge`] with `patch`, worked out
+/// without merging.
+fn merged_size(target: Option<&Map<String, Value>>, patch: &Map<String, Value>) -> usize {
+    let mut size = target.map_or(0, size_of);
+    for (key, value) in patch {
+        let old = target.and_then(|t| t.get(key));
+        if let Some(old) = old {
+            size -= key.len() + value_size(old);
+        }
+        size += match value {
+            Value::Null => 0,
+            // Merged into the old object, or into a new empty one if it was not an object.
+            Value::Object(sub) => key.len() + merged_size(old.and_then(Value::as_object), sub),
+            leaf => key.len() + value_size(leaf),
+        };
+    }
+    size
+}
+
+fn check_size(size: usize, max: usize, what: &str) -> HubResult<()> {
     if size > max {
         return Err(HubError::invalid(format!(
             "{what} would be {size} bytes, over the maximum of {max} bytes"
@@ -640,6 +756,78 @@ mod tests {
         let many: Map<String, Value> = (0..9).map(|i| (format!("k{i}"), json!(big))).collect();
         assert!(twin.patch_reported(&many).is_err());
         assert_eq!(twin, before);
+    }
+
+    #[test]
+    fn merged_size_is_the_size_after_the_merge() {
+        let target = obj(json!({"a": {"b": 1, "c": "xyz"}, "d": [1, "ab", true], "e": "s"}));
+        for patch in [
+            json!({}),
+            json!({"a": null}),
+            json!({"a": {"b": null}}),
+            json!({"a": {"b": {"deep": "v"}}}),
+            json!({"a": "leaf"}),
+            json!({"e": {"now": "object"}}),
+            json!({"new": {"only": null}}),
+            json!({"new": {"x": {"y": 1.5, "z": false}}, "d": null}),
+            json!({"missing": null, "d": ["a", "bcd"]}),
+        ] {
+            let patch = obj(patch);
+            let mut merged = target.clone();
+            let mut meta = Meta::stamp(Timestamp::NEVER, None);
+            merge(&mut merged, &mut meta, &patch, Timestamp::NEVER, None);
+            assert_eq!(
+                merged_size(Some(&target), &patch),
+                size_of(&merged),
+                "{patch:?}"
+            );
+            assert_eq!(merged_size(None, &patch), {
+                let mut fresh = Map::new();
+                merge(&mut fresh, &mut meta, &patch, Timestamp::NEVER, None);
+                size_of(&fresh)
+            });
+        }
+    }
+
+    #[test]
+    fn a_patch_that_frees_room_first_fits() {
+        let mut twin = Twin::new();
+        let big = "x".repeat(4000);
+        let seven: Map<String, Value> = (0..7).map(|i| (format!("k{i}"), json!(big))).collect();
+        twin.patch_reported(&seven).unwrap();
+        // Nine values of 4,000 bytes are over 32 KiB, eight are not.
+        let before = twin.clone();
+        let swap = obj(json!({"k0": null, "n0": big, "n1": big, "n2": big}));
+        assert!(twin.patch_reported(&swap).is_err());
+        assert_eq!(twin, before);
+        let swap = obj(json!({"k0": null, "k1": null, "n0": big, "n1": big, "n2": big}));
+        twin.patch_reported(&swap).unwrap();
+        assert_eq!(twin.reported.properties().len(), 8);
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let mut twin = Twin::new();
+        let err = twin
+            .patch_reported(&obj(json!({"a": {"b": [1, {"c d": 1}]}})))
+            .unwrap_err();
+        assert!(
+            err.message.starts_with(
+                "properties.reported.a.b[1]: property name 'c d' contains a character"
+            ),
+            "{}",
+            err.message
+        );
+        let err = twin
+            .patch_from_service(&obj(
+                json!({"tags": {"t": {"n": 4_503_599_627_370_496_i64}}}),
+            ))
+            .unwrap_err();
+        assert!(
+            err.message.starts_with("tags.t.n: integer is outside"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

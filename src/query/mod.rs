@@ -15,7 +15,9 @@
 //! 2. `parser`: recursive descent → the `ast` types, plus the semantic checks (known
 //!    functions and arities, aggregates only in SELECT, SELECT consistent with GROUP BY,
 //!    nesting ≤ 64 levels, text ≤ 8192 characters).
-//! 3. `eval` and `functions`: the AST against JSON rows, with undefined-value semantics.
+//! 3. `eval` and `functions`: the AST against JSON rows, with undefined-value semantics. A
+//!    condition can also read a stored twin in place through [`Row`] ([`RowPlan::admits`]), so
+//!    a scan builds rows only for the twins that match.
 //!
 //! # Grammar (EBNF; keywords case-insensitive)
 //! ```text

@@ -852,8 +852,8 @@ fn rows_of(
 }
 
 fn lock(record: &Mutex<DeviceRecord>) -> MutexGuard<'_, DeviceRecord> {
-    // A panic while holding the lock cannot leave a half-applied change (every change is built on
-    // a copy first), so a poisoned lock is safe to keep using.
+    // A panic while holding the lock cannot leave a half-applied change (every change is checked
+    // completely before anything is written), so a poisoned lock is safe to keep using.
     record
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -904,7 +904,8 @@ fn twin_json(rec: &DeviceRecord, key: &IdentityKey) -> HubResult<Value> {
 /// The twin JSON of a device (`module` None) or module twin with only the heavy parts `shape`
 /// asks for. The ids are always there.
 fn twin_row(device: &Device, module: Option<&Module>, twin: &Twin, shape: RowShape) -> Value {
-    let mut out = Map::new();
+    // Room for every field up front: growing the map rehashes every key it holds.
+    let mut out = Map::with_capacity(if shape.identity { TWIN_FIELDS } else { 4 });
     if shape.identity {
         write_identity(device, module, twin, &mut out);
     } else {
@@ -922,6 +923,9 @@ fn twin_row(device: &Device, module: Option<&Module>, twin: &Twin, shape: RowSha
     );
     Value::Object(out)
 }
+
+/// The most fields a twin's JSON has at its top level.
+const TWIN_FIELDS: usize = 18;
 
 /// The identity part of a twin's JSON: every field before `tags`, in the row's order.
 fn write_identity(
@@ -978,10 +982,7 @@ impl<'a> TwinView<'a> {
     /// A path under `properties`.
     fn properties(&self, path: &[String]) -> Option<Cow<'_, Value>> {
         let Some((name, rest)) = path.split_first() else {
-            return Some(Cow::Owned(serde_json::json!({
-                "desired": self.section_json(&self.twin.desired),
-                "reported": self.section_json(&self.twin.reported),
-            })));
+            return Some(Cow::Owned(self.twin.properties_json(self.metadata)));
         };
         let section = if name.eq_ignore_ascii_case("desired") {
             &self.twin.desired
@@ -998,7 +999,7 @@ impl<'a> TwinView<'a> {
     /// case-insensitive one.
     fn section<'s>(&self, section: &'s Section, path: &[String]) -> Option<Cow<'s, Value>> {
         let Some((name, rest)) = path.split_first() else {
-            return Some(Cow::Owned(self.section_json(section)));
+            return Some(Cow::Owned(section.to_json(self.metadata)));
         };
         let special = |exact: bool| {
             let is = |wanted: &str| {
@@ -1022,14 +1023,6 @@ impl<'a> TwinView<'a> {
             .or_else(|| crate::query::value_in(section.properties(), path))
             .or_else(|| special(false))
     }
-
-    fn section_json(&self, section: &Section) -> Value {
-        if self.metadata {
-            section.to_service_json()
-        } else {
-            section.to_device_json()
-        }
-    }
 }
 
 impl Row for TwinView<'_> {
@@ -1048,7 +1041,7 @@ impl Row for TwinView<'_> {
             return self.properties(rest);
         }
         let identity = self.identity.get_or_init(|| {
-            let mut out = Map::new();
+            let mut out = Map::with_capacity(TWIN_FIELDS);
             write_identity(self.device, self.module, self.twin, &mut out);
             Value::Object(out)
         });

@@ -68,6 +68,10 @@ struct RunArgs {
     /// Size of reported-patch and telemetry payloads [default: 64].
     #[arg(long)]
     payload_bytes: Option<usize>,
+    /// Reported properties (of about 40 bytes each) every twin-patch client writes once before
+    /// the measured phase, so that each measured patch lands in a section that large [default: 0].
+    #[arg(long)]
+    reported_props: Option<usize>,
     /// Connections in the connect storm [default: 2000].
     #[arg(long)]
     connect_clients: Option<usize>,
@@ -169,6 +173,7 @@ fn sizes(a: &RunArgs) -> Sizes {
         paced_rate: a.paced_rate.unwrap_or(if smoke { 5.0 } else { 10.0 }),
         duration: secs(a.duration, 1.0, 5.0),
         payload_bytes: pick(a.payload_bytes, 64, 64),
+        reported_props: pick(a.reported_props, 0, 0),
         connect_clients: pick(a.connect_clients, 10, 2000),
         connect_concurrency: pick(a.connect_concurrency, 10, 64),
         idle_clients: pick(a.idle_clients, 10, 5000),

@@ -41,6 +41,8 @@ pub struct Sizes {
     pub paced_rate: f64,
     pub duration: Duration,
     pub payload_bytes: usize,
+    /// Reported properties each twin-patch client writes before it is measured.
+    pub reported_props: usize,
     pub connect_clients: usize,
     pub connect_concurrency: usize,
     pub idle_clients: usize,
@@ -444,6 +446,14 @@ fn payload(bytes: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// `n` reported properties of about 40 bytes each, none of them the measured patch's `bench`.
+fn reported_fill(n: usize) -> Vec<u8> {
+    let props: serde_json::Map<String, Value> = (0..n)
+        .map(|i| (format!("p{i:04}"), json!("x".repeat(32))))
+        .collect();
+    Value::Object(props).to_string().into_bytes()
+}
+
 async fn wait_twin(mqtt: &mut Mqtt, rid: &str, expect: u16) -> Result<()> {
     loop {
         if let Packet::Publish(p) = mqtt.read().await? {
@@ -532,6 +542,8 @@ async fn round_trip_phase(
     let (conns, connected) =
         connect_all(ctx, target, clients, ctx.sizes.connect_concurrency).await?;
     let body = Arc::new(payload(ctx.sizes.payload_bytes));
+    let fill = (op == MqttOp::TwinPatch && ctx.sizes.reported_props > 0)
+        .then(|| Arc::new(reported_fill(ctx.sizes.reported_props)));
     let ready = Arc::new(Barrier::new(clients + 1));
     let (start_tx, start_rx) = watch::channel::<Option<(Instant, Instant)>>(None);
     let mut set = JoinSet::new();
@@ -539,6 +551,7 @@ async fn round_trip_phase(
         let ready = Arc::clone(&ready);
         let mut start_rx = start_rx.clone();
         let body = Arc::clone(&body);
+        let fill = fill.clone();
         let topic = ctx.fleet[i].events_topic();
         set.spawn(async move {
             let mut out = Outcome::default();
@@ -550,6 +563,13 @@ async fn round_trip_phase(
                         out.error(e);
                         conn = None;
                     }
+                }
+            }
+            if let (Some(mqtt), Some(fill)) = (conn.as_mut(), fill) {
+                // Not measured: fills the reported section the measured patches land in.
+                if let Err(e) = one_op(mqtt, MqttOp::TwinPatch, 0, "", &fill).await {
+                    out.error(e.context("reported-props fill"));
+                    conn = None;
                 }
             }
             ready.wait().await;
@@ -616,6 +636,9 @@ async fn round_trip_phase(
     let mut row = Row::new(op.name(), &name, target.name, clients, outcome, &measured);
     if op != MqttOp::TwinGet {
         row = row.extra("payload_bytes", body.len() as u64);
+    }
+    if fill.is_some() {
+        row = row.extra("reported_props", ctx.sizes.reported_props as u64);
     }
     if pace.is_some() {
         row = row.extra("rate_per_client_hz", ctx.sizes.paced_rate);
