@@ -285,6 +285,10 @@ pub fn device_message_of(message: &CloudMessage, device_id: &str) -> AmqpMessage
         ..Properties::default()
     };
     let mut application = OrderedMap::new();
+    // As over MQTT, the device sees the feedback the service asked for.
+    if let Some(ack) = &message.ack {
+        application.insert("iothub-ack".to_owned(), SimpleValue::String(ack.clone()));
+    }
     for (k, v) in &message.properties {
         application.insert(
             k.clone(),
