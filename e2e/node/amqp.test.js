@@ -318,11 +318,9 @@ for (const [transportName, Transport] of TRANSPORTS) {
     assert.equal(msg.correlationId, 'corr/1 +&=');
     assert.equal(msg.contentType, 'text/plain');
     assert.equal(msg.contentEncoding, 'utf-8');
-    assert.equal(msg.ack, 'full');
     for (const [k, v] of TRICKY) {
       assert.equal(msg.properties.getValue(k), v, `property ${k}`);
     }
-    assert.equal(msg.properties.getValue('iothub-ack'), undefined, 'iothub-ack is surfaced as msg.ack');
 
     await hub.withTimeout(client.complete(msg), STEP_MS, 'complete');
     assert.equal(await waitForC2dCount(identity.deviceId, 0), 0);
@@ -335,6 +333,11 @@ for (const [transportName, Transport] of TRANSPORTS) {
     assert.equal(record.deviceId, identity.deviceId);
     assert.equal(record.statusCode, 'Success');
     assert.match(record.enqueuedTimeUtc, hub.ISO_8601);
+
+    // The device sees the ack request as MQTT devices do (`iothub-ack` application property,
+    // which the SDK surfaces as msg.ack, not as a custom property).
+    assert.equal(msg.ack, 'full');
+    assert.equal(msg.properties.getValue('iothub-ack'), undefined, 'iothub-ack is surfaced as msg.ack');
   });
 }
 
@@ -360,6 +363,30 @@ test('C2D over Amqp: abandon redelivers the message, reject removes it', { timeo
   assert.equal(await waitForC2dCount(identity.deviceId, 0), 0);
   await sleep(500);
   assert.equal(inbox.items.length, 0, 'a rejected message is not delivered again');
+});
+
+test('C2D over Amqp: a message left unsettled at close is delivered again on the next connection', { timeout: 60_000 }, async (t) => {
+  const identity = await newIdentity('device');
+  const message = new ServiceMessage('settle me next time');
+  message.messageId = hub.uniqueId('c2dun');
+  await hub.withTimeout(service.send(identity.deviceId, message), STEP_MS, 'service send');
+
+  const first = await openClient(t, identity, Amqp);
+  const inbox1 = new Inbox();
+  first.on('message', (msg) => inbox1.push(msg));
+  const held = await inbox1.next(10_000, 'first delivery');
+  assert.equal(held.messageId, message.messageId);
+  // close() detaches the C2D link with the delivery still unsettled; the hub must still answer
+  // the Detach, End and Close.
+  await hub.withTimeout(first.close(), 10_000, 'close with an unsettled delivery');
+
+  const second = await openClient(t, identity, Amqp);
+  const inbox2 = new Inbox();
+  second.on('message', (msg) => inbox2.push(msg));
+  const again = await inbox2.next(10_000, 'redelivery on the next connection');
+  assert.equal(again.messageId, message.messageId);
+  await hub.withTimeout(second.complete(again), STEP_MS, 'complete');
+  assert.equal(await waitForC2dCount(identity.deviceId, 0), 0);
 });
 
 test('C2D queued before the AMQP device connects is delivered when it subscribes', { timeout: 60_000 }, async (t) => {
@@ -428,6 +455,22 @@ test('module sendOutputEvent over AmqpWs carries the module id and the output na
   assert.deepEqual(got.properties, { severity: 'high' });
   assert.equal(got.body, '{"alert":"high"}');
 });
+
+// --- connection lifecycle -----------------------------------------------------------------
+
+for (const [transportName, Transport] of TRANSPORTS) {
+  test(`close over ${transportName} after using every link completes (the hub answers End and Close)`, { timeout: 60_000 }, async (t) => {
+    const identity = await newIdentity('device');
+    const client = await openClient(t, identity, Transport);
+    await hub.withTimeout(client.getTwin(), STEP_MS, 'getTwin');
+    await hub.withTimeout(client.sendEvent(new Message('before close')), STEP_MS, 'sendEvent');
+    client.on('message', () => {});
+    client.onDeviceMethod('noop', (request, response) => response.send(200, null, () => {}));
+    await invokeWhenListening(identity.deviceId, undefined, { methodName: 'noop', payload: null, responseTimeoutInSeconds: 5 });
+    // The SDK detaches every link, ends the session, then sends Close and waits for the reply.
+    await hub.withTimeout(client.close(), 10_000, 'close');
+  });
+}
 
 // --- errors -------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 //
 //   node run.mjs                      # every *.test.js in this folder
 //   node run.mjs registry.test.js     # one file
+//   node run.mjs --test-name-pattern=C2D amqp.test.js   # flags go to node --test
 //
 // Why a launcher: the Node SDKs trust a private CA only through NODE_EXTRA_CA_CERTS, which
 // Node reads once at process start (shared/protocol.md C.1, E.1). So this script starts the
@@ -100,7 +101,11 @@ async function stop(child) {
   }
 }
 
-const files = process.argv.slice(2);
+// Arguments starting with '-' go to `node --test` (e.g. --test-name-pattern=close); the rest
+// are test files.
+const args = process.argv.slice(2);
+const flags = args.filter((a) => a.startsWith('-'));
+const files = args.filter((a) => !a.startsWith('-'));
 const testFiles = files.length
   ? files
   : fs.readdirSync(here).filter((f) => f.endsWith('.test.js')).sort();
@@ -115,7 +120,9 @@ console.log(`# emulator ${emulator.address} (log ${path.relative(process.cwd(), 
 
 let status = 1;
 try {
-  const runner = spawn(process.execPath, ['--test', '--test-concurrency=1', ...testFiles], {
+  // --test-force-exit: a file whose tests are done exits even if a client the server never
+  // let close still holds a socket (a hang there would stall the whole run).
+  const runner = spawn(process.execPath, ['--test', '--test-concurrency=1', '--test-force-exit', ...flags, ...testFiles], {
     cwd: here,
     stdio: 'inherit',
     env: {

@@ -303,11 +303,19 @@ async fn cloud_to_device(conn: Arc<Conn>, presence: Arc<Presence>, mut sender: S
                 .message(device_message_of(&message, &device))
                 .settled(false)
                 .build();
-            let how = match sender.send(sendable).await {
+            let Ok(delivery) = sender.send_batchable(sendable).await else {
+                break 'link;
+            };
+            // Wait for the device's outcome, or for it to detach with the message unsettled
+            // (it then stays queued for the next connection, and the detach is answered).
+            let outcome = tokio::select! {
+                outcome = delivery => outcome,
+                _ = sender.on_detach() => break 'link,
+            };
+            let how = match outcome {
                 Ok(Outcome::Accepted(_)) => Settlement::Completed,
                 Ok(Outcome::Rejected(_)) => Settlement::Rejected,
                 Ok(_) => Settlement::Abandoned,
-                // Unsettled when the link went: it stays queued for the next connection.
                 Err(_) => break 'link,
             };
             hub.settle_c2d(&device, message.lock_token, how);
