@@ -16,7 +16,7 @@
 // - Telemetry: sendEvent / sendOutputEvent over Amqp, read back via GET /_emulator/telemetry.
 // - Negative: a wrong key fails open() with UnauthorizedError; Client.send to an unknown device
 //   → DeviceNotFoundError; the 51st pending message → DeviceMaximumQueueDepthExceededError.
-// Retries are off (NoRetry) on every client. SDK facts behind these: e2e/AMQP-NOTES.md.
+// Retries are off (NoRetry) on every client. SDK facts behind these: docs/amqp-sdk-notes.md.
 'use strict';
 
 const { test, after } = require('node:test');

@@ -17,7 +17,7 @@ device for the cross-SDK cases:
   properties. Starting positions "-1" (from the start) and an enqueued time.
 
 Every blocking SDK call runs under a time limit, and retries are off where the SDK allows it.
-The SDK facts these rely on are in e2e/AMQP-NOTES.md.
+The SDK facts these rely on are in docs/amqp-sdk-notes.md.
 """
 
 from __future__ import annotations
