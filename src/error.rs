@@ -120,6 +120,18 @@ pub struct HubError {
 }
 
 impl HubError {
+    /// The JSON body a twin error response to a device carries (MQTT and AMQP): the Node SDK
+    /// ignores the status and only sees an error when the body has a truthy `errorCode`
+    /// (`shared/protocol.md` C.6).
+    pub fn device_body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "errorCode": self.code.number(),
+            "trackingId": format!("{:032x}", rand::random::<u128>()),
+            "message": self.message,
+            "timestampUtc": crate::timestamp::Timestamp::now(),
+        })
+    }
+
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,

@@ -42,16 +42,7 @@ after(async () => {
   }
 });
 
-// Property values chosen to break naive encoders (the same set as methods_messages.test.js).
-const TRICKY = [
-  ['a&b=c', 'x&y=z'],
-  ['with space', 'two words'],
-  ['plus', '1+1=2'],
-  ['percent', '100%'],
-  ['slash/key', 'a/b/c'],
-  ['unicode', 'héllo wörld ✓ 温度'],
-  ['empty', ''],
-];
+const { TRICKY } = hub;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 

@@ -33,16 +33,7 @@ after(async () => {
   }
 });
 
-// Property values chosen to break naive bag encoders.
-const TRICKY = [
-  ['a&b=c', 'x&y=z'],
-  ['with space', 'two words'],
-  ['plus', '1+1=2'],
-  ['percent', '100%'],
-  ['slash/key', 'a/b/c'],
-  ['unicode', 'héllo wörld ✓ 温度'],
-  ['empty', ''],
-];
+const { TRICKY } = hub;
 
 async function newDevice(prefix) {
   const deviceId = hub.uniqueId(prefix);

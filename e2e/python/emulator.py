@@ -12,6 +12,7 @@ azure-eventhub) uses 5671 (shared/protocol-amqp.md). Those ports may already be 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -32,6 +33,31 @@ from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO_ROOT / "target" / "debug" / "iothub-emulator"
+
+STEP_TIMEOUT = 15  # seconds for any one SDK call
+
+# Custom properties chosen to break naive encoders: bag separators, spaces, '+', '%', '/',
+# unicode, an empty value.
+TRICKY_PROPERTIES = {
+    "a&b=c": "x&y=z",
+    "with space": "two words",
+    "plus": "1+1=2",
+    "percent": "100%",
+    "slash/key": "a/b/c",
+    "unicode": "h\u00e9llo w\u00f6rld \u2713 \u6e29\u5ea6",
+    "empty": "",
+    "dollar$": "$.mid",
+}
+
+
+def run(coro):
+    """Runs an SDK coroutine to completion (the tests are synchronous)."""
+    return asyncio.run(coro)
+
+
+async def step(awaitable, timeout: float = STEP_TIMEOUT):
+    """One SDK call, bounded in time so that a hung call fails its test."""
+    return await asyncio.wait_for(awaitable, timeout)
 LOG_DIR = REPO_ROOT / "e2e" / "logs"
 
 READY_LINE = "iothub-emulator ready"

@@ -36,32 +36,11 @@ import pytest
 
 from azure.iot.device import Message
 from azure.iot.device.aio import IoTHubDeviceClient, IoTHubModuleClient
-from emulator import REPO_ROOT, unique_id
+from emulator import REPO_ROOT, STEP_TIMEOUT, TRICKY_PROPERTIES, run, step, unique_id
 
-STEP_TIMEOUT = 15  # seconds for any one SDK call
 NODE_DIR = REPO_ROOT / "e2e" / "node"
 NODE_CLI = NODE_DIR / "lib" / "amqp_device_cli.js"
 PARTITION_IDS = ["0", "1", "2", "3"]
-
-# Custom properties chosen to break naive encoders (the set test_methods_messages.py uses).
-TRICKY_PROPERTIES = {
-    "a&b=c": "x&y=z",
-    "with space": "two words",
-    "plus": "1+1=2",
-    "percent": "100%",
-    "slash/key": "a/b/c",
-    "unicode": "h\u00e9llo w\u00f6rld \u2713 \u6e29\u5ea6",
-    "empty": "",
-    "dollar$": "$.mid",
-}
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def step(awaitable, timeout: float = STEP_TIMEOUT):
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 def call_with_timeout(fn, *args, timeout: float = 30.0, **kwargs):

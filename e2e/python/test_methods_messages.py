@@ -30,30 +30,18 @@ from msrest.exceptions import HttpOperationError
 from azure.iot.device import Message, MethodResponse
 from azure.iot.device.aio import IoTHubDeviceClient, IoTHubModuleClient
 from azure.iot.hub.models import CloudToDeviceMethod
-from emulator import OWNER_KEY, OWNER_POLICY, service_sas_token, start_emulator, unique_id
+from emulator import (
+    OWNER_KEY,
+    OWNER_POLICY,
+    STEP_TIMEOUT,
+    TRICKY_PROPERTIES,
+    run,
+    service_sas_token,
+    start_emulator,
+    step,
+    unique_id,
+)
 
-STEP_TIMEOUT = 15  # seconds for any one SDK call
-
-# Custom properties chosen to break naive encoders: bag separators, spaces, '+', '%', '/',
-# unicode, an empty value.
-TRICKY_PROPERTIES = {
-    "a&b=c": "x&y=z",
-    "with space": "two words",
-    "plus": "1+1=2",
-    "percent": "100%",
-    "slash/key": "a/b/c",
-    "unicode": "h\u00e9llo w\u00f6rld \u2713 \u6e29\u5ea6",
-    "empty": "",
-    "dollar$": "$.mid",
-}
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def step(awaitable, timeout: float = STEP_TIMEOUT):
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 def http_status(excinfo) -> int:

@@ -26,7 +26,7 @@ use fe2o3_amqp::types::messaging::{
 };
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Uuid, Value};
 use fe2o3_amqp::{Receiver, Sender};
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
@@ -388,7 +388,7 @@ async fn twin_requests(conn: Arc<Conn>, presence: Arc<Presence>, mut receiver: R
         hub.registry().touch(&presence.key);
         let (status, body, version) = match result {
             Ok(r) => r,
-            Err(e) => (e.code.status(), Some(error_body(&e)), None),
+            Err(e) => (e.code.status(), Some(e.device_body()), None),
         };
         let reply = twin_response(correlation, status, version, body);
         Presence::send_on(&presence.twin_out, reply);
@@ -414,16 +414,6 @@ fn twin_response(
         ..Properties::default()
     });
     message
-}
-
-/// The JSON body of a twin error response, as over MQTT.
-fn error_body(e: &HubError) -> Json {
-    json!({
-        "errorCode": e.code.number(),
-        "trackingId": format!("{:032x}", rand::random::<u128>()),
-        "message": e.message,
-        "timestampUtc": crate::timestamp::Timestamp::now(),
-    })
 }
 
 /// A method call as the device receives it: the request id as a UUID `correlation_id`,

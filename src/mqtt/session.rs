@@ -24,7 +24,7 @@ use rumqttc::mqttbytes::v4::{
     UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -470,7 +470,7 @@ impl<'h> Session<'h> {
             Topic::TwinGet { rid } => {
                 let (status, body, version) = match self.hub.registry().device_twin(&self.key) {
                     Ok(twin) => (200, twin, None),
-                    Err(e) => (e.code.status(), error_body(&e), None),
+                    Err(e) => (e.code.status(), e.device_body(), None),
                 };
                 self.twin_response(framed, status, &rid, version, &body)
                     .await?;
@@ -493,7 +493,7 @@ impl<'h> Session<'h> {
                             .await?;
                     }
                     Err(e) => {
-                        self.twin_response(framed, e.code.status(), &rid, None, &error_body(&e))
+                        self.twin_response(framed, e.code.status(), &rid, None, &e.device_body())
                             .await?;
                     }
                 }
@@ -637,17 +637,6 @@ fn qos0(topic: String, payload: Bytes) -> Publish {
         pkid: 0,
         payload,
     }
-}
-
-/// The JSON body every twin error response carries: the Node SDK ignores the status and only
-/// sees an error when the body has a truthy `errorCode` (C.6).
-fn error_body(e: &HubError) -> Value {
-    json!({
-        "errorCode": e.code.number(),
-        "trackingId": format!("{:032x}", rand::random::<u128>()),
-        "message": e.message,
-        "timestampUtc": crate::timestamp::Timestamp::now(),
-    })
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

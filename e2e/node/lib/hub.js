@@ -47,7 +47,20 @@ function withTimeout(promise, ms, what) {
 
 const ISO_8601 = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,7})?(Z|[+-]\d\d:\d\d)$/;
 
+// Property values chosen to break naive encoders: bag separators, spaces, '+', '%', '/',
+// unicode, an empty value.
+const TRICKY = [
+  ['a&b=c', 'x&y=z'],
+  ['with space', 'two words'],
+  ['plus', '1+1=2'],
+  ['percent', '100%'],
+  ['slash/key', 'a/b/c'],
+  ['unicode', 'héllo wörld ✓ 温度'],
+  ['empty', ''],
+];
+
 module.exports = {
+  TRICKY,
   OWNER_KEY,
   ISO_8601,
   serviceConnectionString,
