@@ -85,9 +85,15 @@ fn seconds(
     default: u64,
     range: std::ops::RangeInclusive<u64>,
 ) -> HubResult<Duration> {
+    // IoT Hub reads these as integers and, like the JSON reader it uses, also takes numeric
+    // strings: `az iot hub invoke-device-method` sends `"responseTimeoutInSeconds": "30"`.
+    let number = |v: &Value| match v {
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        v => v.as_u64(),
+    };
     let value = match body.get(field) {
         None | Some(Value::Null) => default,
-        Some(v) => v.as_u64().filter(|n| range.contains(n)).ok_or_else(|| {
+        Some(v) => number(v).filter(|n| range.contains(n)).ok_or_else(|| {
             HubError::invalid(format!(
                 "'{field}' must be a whole number of seconds from {} to {}",
                 range.start(),
@@ -227,7 +233,17 @@ mod tests {
         let ok = call(json!({"methodName":"reboot","payload":{"delay":1}})).unwrap();
         assert_eq!(ok.response_timeout, Duration::from_secs(30));
         assert_eq!(ok.connect_timeout, Duration::ZERO);
+        let cli = call(
+            json!({"methodName":"m","responseTimeoutInSeconds":"30","connectTimeoutInSeconds":"0"}),
+        )
+        .unwrap();
+        assert_eq!(cli.response_timeout, Duration::from_secs(30));
+        assert_eq!(cli.connect_timeout, Duration::ZERO);
         for bad in [
+            json!({"methodName":"x","responseTimeoutInSeconds":"4"}),
+            json!({"methodName":"x","responseTimeoutInSeconds":"thirty"}),
+            json!({"methodName":"x","connectTimeoutInSeconds":"301"}),
+            json!({"methodName":"x","responseTimeoutInSeconds":true}),
             json!({}),
             json!({"methodName":""}),
             json!({"methodName":"a/b"}),

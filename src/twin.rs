@@ -14,12 +14,19 @@
 //!   the desired side.
 //! - Limits: tags 8 KB, desired and reported 32 KB each (keys plus values; numbers count 8 bytes,
 //!   booleans 4), keys ≤ 1 KB without control characters, `.`, `$` or space, strings ≤ 4 KB,
-//!   depth ≤ 10, integers within ±2^52.
+//!   at most 10 levels of objects nested below a section (the documented example's `one` …
+//!   `ten`, the last holding leaves), integers within ±2^52.
+//! - `"tags": null` or `"properties": {"desired": null}` in a PATCH clears that section.
+//! - Versions: a new twin has `version` 2 and etag `AAAAAAAAAAE=`, both sections `$version` 1
+//!   (Microsoft's DeviceCreated event sample; the CLI article's module twin shows `version` 3,
+//!   etag `AAAAAAAAAAI=` and desired `$version` 2 after one desired update). `version` goes up on
+//!   every change; the etag only on service writes (tags, desired).
 
 use crate::error::{HubError, HubResult};
 use crate::timestamp::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Size limit of `tags`, in bytes as IoT Hub counts them.
@@ -30,8 +37,11 @@ pub const PROPERTIES_MAX_BYTES: usize = 32 * 1024;
 pub const STRING_MAX_BYTES: usize = 4 * 1024;
 /// Longest key.
 pub const KEY_MAX_BYTES: usize = 1024;
-/// Deepest nesting of objects, counting the section's own keys as level 1.
+/// Most levels of objects nested below a section (`tags`, `desired`, `reported`): in
+/// Microsoft's valid example, `one` to `ten` each hold an object and `ten`'s holds leaves.
 pub const MAX_DEPTH: usize = 10;
+/// `version` of a twin that nothing has written yet.
+const NEW_TWIN_VERSION: u64 = 2;
 /// Largest magnitude of an integer value (IoT Hub stores numbers as doubles).
 pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
 
@@ -176,7 +186,7 @@ impl Section {
         max_bytes: usize,
         what: &str,
     ) -> HubResult<()> {
-        validate_object(patch, 1, &Place::Root(what), true)?;
+        validate_object(patch, 0, &Place::Root(what), true)?;
         check_size(merged_size(Some(&self.properties), patch), max_bytes, what)
     }
 
@@ -201,7 +211,7 @@ impl Section {
         max_bytes: usize,
         what: &str,
     ) -> HubResult<()> {
-        validate_object(&properties, 1, &Place::Root(what), false)?;
+        validate_object(&properties, 0, &Place::Root(what), false)?;
         check_size(size_of(&properties), max_bytes, what)?;
         let version = self.version + 1;
         let stamp_version = self.versioned_meta.then_some(version);
@@ -265,7 +275,7 @@ impl Twin {
             tags: Map::new(),
             desired: Section::new(true),
             reported: Section::new(false),
-            version: 1,
+            version: NEW_TWIN_VERSION,
             etag_counter: 1,
             model_id: String::new(),
         }
@@ -293,19 +303,33 @@ impl Twin {
     /// `$version`) are ignored, as IoT Hub does: the CLI PATCHes the whole fetched twin.
     pub fn patch_from_service(&mut self, body: &Map<String, Value>) -> HubResult<Option<Value>> {
         let (tags, desired) = writable_parts(body)?;
+        // A whole section set to null clears it: a patch that deletes every key.
+        let clear = |section: &Map<String, Value>| -> Map<String, Value> {
+            section.keys().map(|k| (k.clone(), Value::Null)).collect()
+        };
+        let tags = match tags {
+            Part::Absent => None,
+            Part::Clear => Some(Cow::Owned(clear(&self.tags))),
+            Part::Patch(t) => Some(Cow::Borrowed(t)),
+        };
+        let desired = match desired {
+            Part::Absent => None,
+            Part::Clear => Some(clear(&self.desired.properties)),
+            Part::Patch(d) => Some(d),
+        };
         if tags.is_none() && desired.is_none() {
             return Ok(None);
         }
         // Both parts are checked before either is applied.
-        if let Some(tags) = tags {
-            validate_object(tags, 1, &Place::Root("tags"), true)?;
+        if let Some(tags) = &tags {
+            validate_object(tags, 0, &Place::Root("tags"), true)?;
             check_size(merged_size(Some(&self.tags), tags), TAGS_MAX_BYTES, "tags")?;
         }
         if let Some(desired) = &desired {
             self.desired
                 .check_patch(desired, PROPERTIES_MAX_BYTES, "properties.desired")?;
         }
-        if let Some(tags) = tags {
+        if let Some(tags) = &tags {
             // Tags have no `$metadata`: the merge's is thrown away.
             let mut meta = Meta::stamp(Timestamp::NEVER, None);
             merge(&mut self.tags, &mut meta, tags, Timestamp::now(), None);
@@ -325,15 +349,19 @@ impl Twin {
     /// the full new desired document, with `$version`, for the devices.
     pub fn replace_from_service(&mut self, body: &Map<String, Value>) -> HubResult<Value> {
         let (tags, desired) = writable_parts(body)?;
-        let tags = tags.cloned().unwrap_or_default();
-        validate_object(&tags, 1, &Place::Root("tags"), false)?;
+        let tags = match tags {
+            Part::Patch(t) => t.clone(),
+            Part::Absent | Part::Clear => Map::new(),
+        };
+        let desired = match desired {
+            Part::Patch(d) => d,
+            Part::Absent | Part::Clear => Map::new(),
+        };
+        validate_object(&tags, 0, &Place::Root("tags"), false)?;
         check_size(size_of(&tags), TAGS_MAX_BYTES, "tags")?;
         // Checks everything before it changes anything.
-        self.desired.replace(
-            desired.unwrap_or_default(),
-            PROPERTIES_MAX_BYTES,
-            "properties.desired",
-        )?;
+        self.desired
+            .replace(desired, PROPERTIES_MAX_BYTES, "properties.desired")?;
         self.tags = tags;
         self.version += 1;
         self.etag_counter += 1;
@@ -395,24 +423,35 @@ fn sections(desired: Value, reported: Value) -> Value {
     Value::Object(out)
 }
 
-/// The parts of a service twin body that the service may write: tags, and desired properties.
-type WritableParts<'a> = (Option<&'a Map<String, Value>>, Option<Map<String, Value>>);
+/// One service-writable part of a twin body, as a request gives it.
+enum Part<T> {
+    /// Not in the body: left as it is.
+    Absent,
+    /// `null`: the whole section is cleared.
+    Clear,
+    Patch(T),
+}
 
-/// Picks the service-writable parts out of a twin body: `tags` and `properties.desired` (with
-/// `$`-prefixed keys such as `$metadata` and `$version` dropped from desired's root).
+/// The parts of a service twin body that the service may write: tags, and desired properties.
+type WritableParts<'a> = (Part<&'a Map<String, Value>>, Part<Map<String, Value>>);
+
+/// Picks the service-writable parts out of a twin body: `tags` and `properties.desired`, with
+/// the read-only `$metadata` and `$version` that clients echo back dropped from desired's root.
 fn writable_parts(body: &Map<String, Value>) -> HubResult<WritableParts<'_>> {
     let tags = match body.get("tags") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(t)) => Some(t),
+        None => Part::Absent,
+        Some(Value::Null) => Part::Clear,
+        Some(Value::Object(t)) => Part::Patch(t),
         Some(_) => return Err(HubError::invalid("'tags' must be a JSON object")),
     };
     let desired = match body.get("properties") {
-        None | Some(Value::Null) => None,
+        None | Some(Value::Null) => Part::Absent,
         Some(Value::Object(p)) => match p.get("desired") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(d)) => Some(
+            None => Part::Absent,
+            Some(Value::Null) => Part::Clear,
+            Some(Value::Object(d)) => Part::Patch(
                 d.iter()
-                    .filter(|(k, _)| !k.starts_with('$'))
+                    .filter(|(k, _)| !matches!(k.as_str(), "$metadata" | "$version"))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             ),
@@ -663,7 +702,49 @@ mod tests {
         );
         assert_eq!(note, json!({"a":{"b":null,"e":[1,2]},"d":"x","$version":3}));
         assert_eq!(twin.desired.version(), 3);
-        assert_eq!(twin.version(), 3);
+        assert_eq!(twin.version(), 4);
+    }
+
+    #[test]
+    fn versions_follow_the_cli_article() {
+        let mut twin = Twin::new();
+        assert_eq!((twin.version(), twin.etag().as_str()), (2, "AAAAAAAAAAE="));
+        twin.patch_from_service(&obj(json!({"properties":{"desired":{"conditions":{"temperature":{"warning":75,"critical":100}}}}})))
+            .unwrap();
+        assert_eq!((twin.version(), twin.etag().as_str()), (3, "AAAAAAAAAAI="));
+        assert_eq!(twin.desired.version(), 2);
+        // Reported changes move the version, not the etag (which guards service writes).
+        twin.patch_reported(&obj(json!({"fw":"1"}))).unwrap();
+        assert_eq!((twin.version(), twin.etag().as_str()), (4, "AAAAAAAAAAI="));
+    }
+
+    #[test]
+    fn a_null_section_clears_it_and_tells_the_device_what_went() {
+        let mut twin = Twin::new();
+        twin.patch_from_service(&obj(
+            json!({"tags":{"t":1,"u":{"v":2}},"properties":{"desired":{"a":1,"b":{"c":2}}}}),
+        ))
+        .unwrap();
+        let note = twin
+            .patch_from_service(&obj(json!({"properties":{"desired":null}})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(note, json!({"a":null,"b":null,"$version":3}));
+        assert!(twin.desired.properties().is_empty());
+        assert_eq!(twin.tags().len(), 2, "tags were not named, so they stay");
+        let meta = &twin.desired.to_service_json()["$metadata"];
+        assert_eq!(
+            meta,
+            &json!({"$lastUpdated": meta["$lastUpdated"], "$lastUpdatedVersion": 3})
+        );
+        let note = twin.patch_from_service(&obj(json!({"tags":null}))).unwrap();
+        assert_eq!(note, None, "a tags change is not a desired change");
+        assert!(twin.tags().is_empty());
+        // Clearing an empty section is still a write.
+        let note = twin
+            .patch_from_service(&obj(json!({"properties":{"desired":null}})))
+            .unwrap();
+        assert_eq!(note, Some(json!({"$version":4})));
     }
 
     #[test]
@@ -847,12 +928,22 @@ mod tests {
         for patch in cases {
             assert!(twin.patch_reported(&obj(patch.clone())).is_err(), "{patch}");
         }
-        let mut deep = json!(1);
-        for _ in 0..MAX_DEPTH {
-            deep = json!({ "k": deep });
+        // Microsoft's valid example: `one` … `ten` each hold an object, `ten`'s holds a leaf.
+        let mut deep = json!({"property": "value"});
+        for name in [
+            "ten", "nine", "eight", "seven", "six", "five", "four", "three", "two", "one",
+        ] {
+            deep = json!({ name: deep });
         }
         assert!(twin.patch_reported(&obj(deep.clone())).is_ok());
-        assert!(twin.patch_reported(&obj(json!({ "k": deep }))).is_err());
+        assert!(twin
+            .patch_from_service(&obj(json!({"tags": deep.clone()})))
+            .is_ok());
+        assert!(twin.patch_reported(&obj(json!({ "zero": deep }))).is_err());
+        for patch in [json!({"a$b":1}), json!({"$other":1}), json!({"x":{"a$":1}})] {
+            let body = obj(json!({"properties":{"desired":patch}}));
+            assert!(twin.patch_from_service(&body).is_err(), "{body:?}");
+        }
         assert!(twin
             .patch_reported(&obj(
                 json!({"n":MAX_SAFE_INT,"m":-MAX_SAFE_INT - 1,"f":1.5})

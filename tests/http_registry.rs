@@ -500,3 +500,181 @@ async fn concurrent_twin_writers_lose_no_update() {
     assert_eq!(desired.keys().filter(|k| !k.starts_with('$')).count(), 40);
     assert_eq!(twin["properties"]["desired"]["$version"], 41);
 }
+
+/// Scenario (the `az iot hub device-identity children` flow and the Node SDK's registry tests):
+/// - an edge device gets `ms-azure-iot-edge://{id}-{generationId}` and the `$edgeAgent` and
+///   `$edgeHub` modules, each with a twin
+/// - a leaf device created with that scope lists it in `parentScopes`, and the query the CLI
+///   runs for `children list` finds it
+/// - moving the leaf to a scope no edge device has is 400 and leaves it where it was
+/// - a nested edge device names its parent in `parentScopes` and keeps its own scope
+#[tokio::test]
+async fn edge_devices_have_scopes_system_modules_and_children() {
+    let hub = start().await;
+    let http = hub.http();
+    let edge = http
+        .send(
+            "PUT",
+            "/devices/gw",
+            Some(json!({"deviceId":"gw","capabilities":{"iotEdge":true}})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    let scope = edge["deviceScope"].as_str().unwrap().to_owned();
+    assert_eq!(
+        scope,
+        format!(
+            "ms-azure-iot-edge://gw-{}",
+            edge["generationId"].as_str().unwrap()
+        )
+    );
+    let modules = http
+        .send("GET", "/devices/gw/modules", None, &[])
+        .await
+        .expect_status(200);
+    let ids: Vec<&str> = modules
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["moduleId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["$edgeAgent", "$edgeHub"]);
+    http.send("GET", "/twins/gw/modules/$edgeAgent", None, &[])
+        .await
+        .expect_status(200);
+
+    let leaf = http
+        .send(
+            "PUT",
+            "/devices/leaf",
+            Some(json!({"deviceId":"leaf","deviceScope": scope})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    assert_eq!(leaf["parentScopes"], json!([scope]));
+    let twin = http
+        .send("GET", "/twins/leaf", None, &[])
+        .await
+        .expect_status(200);
+    assert_eq!(twin["deviceScope"], json!(scope));
+    let children = http
+        .send(
+            "POST",
+            "/devices/query",
+            Some(json!({"query": format!(
+                "select deviceId from devices where array_contains(parentScopes, '{scope}')"
+            )})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    assert_eq!(children, json!([{"deviceId": "leaf"}]));
+
+    let mut moved = leaf.clone();
+    moved["deviceScope"] = json!("6b6f0a52-5d1e-4c43-9a43-1b1a3d3e2f10");
+    let reply = http
+        .send("PUT", "/devices/leaf", Some(moved), &[("If-Match", "*")])
+        .await;
+    assert_eq!((reply.status, reply.error_code()), (400, "ArgumentInvalid"));
+    let leaf_now = http
+        .send("GET", "/devices/leaf", None, &[])
+        .await
+        .expect_status(200);
+    assert_eq!(leaf_now["deviceScope"], json!(scope));
+
+    let nested = http
+        .send(
+            "PUT",
+            "/devices/gw2",
+            Some(json!({"deviceId":"gw2","capabilities":{"iotEdge":true},"parentScopes":[scope]})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    assert_eq!(nested["parentScopes"], json!([scope]));
+    assert!(nested["deviceScope"]
+        .as_str()
+        .unwrap()
+        .starts_with("ms-azure-iot-edge://gw2-"));
+}
+
+/// Scenario: `POST /devices/keys/regenerate` renews only the key asked for, reports an unknown
+/// device per item (207); `DELETE /devices/{id}/commands` empties the cloud-to-device queue.
+#[tokio::test]
+async fn keys_regenerate_and_the_c2d_queue_purges() {
+    let hub = start().await;
+    let http = hub.http();
+    let before = http
+        .send("PUT", "/devices/k1", Some(json!({"deviceId":"k1"})), &[])
+        .await
+        .expect_status(200);
+    let reply = http
+        .send(
+            "POST",
+            "/devices/keys/regenerate",
+            Some(json!({"policyKey":"primaryKey","devices":[{"id":"k1"},{"id":"ghost"}]})),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 207);
+    assert_eq!(reply.body["rotatedKeys"][0]["id"], "k1");
+    assert_eq!(reply.body["errors"][0]["id"], "ghost");
+    assert_eq!(reply.body["errors"][0]["errorCode"], "DeviceNotFound");
+    let after = http
+        .send("GET", "/devices/k1", None, &[])
+        .await
+        .expect_status(200);
+    let keys = |d: &Value, k: &str| d["authentication"]["symmetricKey"][k].clone();
+    assert_ne!(keys(&after, "primaryKey"), keys(&before, "primaryKey"));
+    assert_eq!(keys(&after, "secondaryKey"), keys(&before, "secondaryKey"));
+    assert_eq!(
+        reply.body["rotatedKeys"][0]["primaryKey"],
+        keys(&after, "primaryKey")
+    );
+    let bad = http
+        .send(
+            "POST",
+            "/devices/keys/regenerate",
+            Some(json!({"policyKey":"tertiary","devices":[{"id":"k1"}]})),
+            &[],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    let unchanged = http
+        .send("GET", "/devices/k1", None, &[])
+        .await
+        .expect_status(200);
+    assert_eq!(unchanged["etag"], after["etag"]);
+
+    for i in 0..3 {
+        http.send(
+            "POST",
+            "/_emulator/devices/k1/messages",
+            Some(json!({"body": format!("m{i}")})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    }
+    let purged = http
+        .send("DELETE", "/devices/k1/commands", None, &[])
+        .await
+        .expect_status(200);
+    assert_eq!(
+        purged,
+        json!({"deviceId":"k1","moduleId":null,"totalMessagesPurged":3})
+    );
+    let device = http
+        .send("GET", "/devices/k1", None, &[])
+        .await
+        .expect_status(200);
+    assert_eq!(device["cloudToDeviceMessageCount"], 0);
+    assert_eq!(
+        http.send("DELETE", "/devices/ghost/commands", None, &[])
+            .await
+            .status,
+        404
+    );
+}

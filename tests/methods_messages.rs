@@ -109,7 +109,7 @@ async fn method_round_trip_service_to_module_and_back() {
             "POST",
             "/twins/d/modules/m/methods",
             Some(
-                json!({"methodName":"reboot","payload":{"delay":3},"responseTimeoutInSeconds":10}),
+                json!({"methodName":"reboot","payload":{"delay":3},"responseTimeoutInSeconds":"10"}),
             ),
             &[],
         )

@@ -254,3 +254,64 @@ async fn desired_subscription_survives_a_reconnect_without_clean_session() {
     );
     assert_eq!(body(&pushed), json!({"fan": true, "$version": 2}));
 }
+
+/// Scenario (IoT Hub's rule: `null` removes a property, and a section set to `null` removes
+/// every property in it):
+/// - a subscribed device gets `{"a":null,"b":null,"$version":4}` when the service PATCHes
+///   `{"properties":{"desired":null}}` after setting `a` and `b`; the service twin's desired
+///   is then empty, and `"tags": null` empties the tags the same way
+/// - a device that was offline while desired was set and cleared again sees, on its next twin
+///   GET, exactly the resulting state: no properties, only `$version`
+#[tokio::test]
+async fn a_null_section_clears_it_online_and_offline() {
+    let hub = common::start().await;
+    let key = hub.device("dev").await;
+    let http = hub.http();
+    let mut device = hub.mqtt_connect("dev", None, &key).await;
+    device.subscribe_ok(DESIRED).await;
+    for patch in [
+        json!({"tags": {"room": "a"}, "properties": {"desired": {"a": 1}}}),
+        json!({"properties": {"desired": {"b": {"c": 2}}}}),
+        json!({"tags": null, "properties": {"desired": null}}),
+    ] {
+        http.send("PATCH", "/twins/dev", Some(patch), &[])
+            .await
+            .expect_status(200);
+    }
+    assert_eq!(
+        body(&device.next_publish().await),
+        json!({"a": 1, "$version": 2})
+    );
+    assert_eq!(
+        body(&device.next_publish().await),
+        json!({"b": {"c": 2}, "$version": 3})
+    );
+    let cleared = device.next_publish().await;
+    assert_eq!(
+        cleared.topic,
+        "$iothub/twin/PATCH/properties/desired/?$version=4"
+    );
+    assert_eq!(body(&cleared), json!({"a": null, "b": null, "$version": 4}));
+    let twin = http
+        .send("GET", "/twins/dev", None, &[])
+        .await
+        .expect_status(200);
+    assert_eq!(twin.get("tags"), None, "no tags left: {twin}");
+    let desired = twin["properties"]["desired"].as_object().unwrap();
+    let keys: Vec<&String> = desired.keys().filter(|k| !k.starts_with('$')).collect();
+    assert!(keys.is_empty(), "{desired:?}");
+    device.disconnect().await;
+
+    for patch in [
+        json!({"properties": {"desired": {"x": "y"}}}),
+        json!({"properties": {"desired": null}}),
+    ] {
+        http.send("PATCH", "/twins/dev", Some(patch), &[])
+            .await
+            .expect_status(200);
+    }
+    let mut device = hub.mqtt_connect("dev", None, &key).await;
+    device.subscribe_ok("$iothub/twin/res/#").await;
+    let twin = device.twin_get("1").await;
+    assert_eq!(twin["desired"], json!({"$version": 6}));
+}

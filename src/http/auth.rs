@@ -16,6 +16,10 @@ fn required_access(method: &Method, path: &str) -> Access {
         ("twins", &Method::POST) => Access::Service,
         ("twins", _) => Access::TwinWrite,
         ("statistics", _) if path.trim_end_matches('/').ends_with("/service") => Access::Service,
+        // Purging a device's cloud-to-device queue is a messaging operation.
+        ("devices", &Method::DELETE) if path.trim_end_matches('/').ends_with("/commands") => {
+            Access::Service
+        }
         ("devices", &Method::POST) if path.trim_end_matches('/').ends_with("/query") => {
             Access::RegistryRead
         }
@@ -75,6 +79,14 @@ mod tests {
         assert_eq!(
             required_access(&Method::GET, "/statistics/service"),
             Access::Service
+        );
+        assert_eq!(
+            required_access(&Method::DELETE, "/devices/d/commands"),
+            Access::Service
+        );
+        assert_eq!(
+            required_access(&Method::POST, "/devices/keys/regenerate"),
+            Access::RegistryWrite
         );
         assert_eq!(
             required_access(&Method::GET, "/statistics/devices"),

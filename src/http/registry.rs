@@ -11,7 +11,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -29,6 +29,8 @@ pub fn routes() -> Router<Hub> {
             "/devices/{id}",
             get(get_device).put(put_device).delete(delete_device),
         )
+        .route("/devices/keys/regenerate", post(regenerate_keys))
+        .route("/devices/{id}/commands", delete(purge_c2d))
         .route("/devices/{id}/modules", get(list_modules))
         .route("/devices/{id}/modules/", get(list_modules))
         .route(
@@ -309,4 +311,87 @@ fn bulk_error(item: &BulkItem, e: &HubError) -> Value {
         "errorStatus": e.message,
         "operation": item.mode,
     })
+}
+
+/// `DELETE /devices/{id}/commands`: purges the device's cloud-to-device queue
+/// (`PurgeMessageQueueResult`, as `az iot device c2d-message purge` reads it).
+async fn purge_c2d(State(hub): State<Hub>, Path(id): Path<String>) -> HttpResult<Response> {
+    let purged = hub.registry().purge_c2d(&id)?;
+    Ok(ok(
+        &json!({"deviceId": id, "moduleId": null, "totalMessagesPurged": purged}),
+    ))
+}
+
+/// `POST /devices/keys/regenerate`: new random keys for up to 100 devices or modules
+/// (`{"policyKey": "primaryKey" | "secondaryKey" | "both", "devices": [{"id", "moduleId"}]}`,
+/// as `az iot hub device-identity renew-key` sends it). The request is checked whole first;
+/// then each identity is done on its own: 200 when all succeed, 207 when some fail, 400 when
+/// all fail, each failure named in `errors`.
+async fn regenerate_keys(State(hub): State<Hub>, body: JsonBody) -> HttpResult<Response> {
+    let body = body.object()?;
+    let policy = body.get("policyKey").and_then(Value::as_str).unwrap_or("");
+    let (primary, secondary) = match policy.to_ascii_lowercase().as_str() {
+        "primarykey" | "primary" => (true, false),
+        "secondarykey" | "secondary" => (false, true),
+        "both" => (true, true),
+        _ => {
+            return Err(HubError::invalid(format!(
+                "'policyKey' must be primaryKey, secondaryKey or both, not {policy:?}"
+            ))
+            .into())
+        }
+    };
+    let Some(Value::Array(items)) = body.get("devices") else {
+        return Err(HubError::invalid("'devices' must be a JSON array of {id, moduleId}").into());
+    };
+    if items.is_empty() || items.len() > MAX_BULK {
+        return Err(HubError::invalid(format!(
+            "A key regeneration request must name 1 to {MAX_BULK} identities, not {}",
+            items.len()
+        ))
+        .into());
+    }
+    let keys = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |name: &str| match item.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if s.is_empty() => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(HubError::invalid(format!(
+                    "devices[{i}].{name} must be a string"
+                ))),
+            };
+            let device_id = field("id")?.ok_or_else(|| {
+                HubError::new(ErrorCode::ArgumentNull, format!("devices[{i}] has no 'id'"))
+            })?;
+            Ok(IdentityKey {
+                device_id,
+                module_id: field("moduleId")?,
+            })
+        })
+        .collect::<Result<Vec<_>, HubError>>()?;
+    let (mut rotated, mut errors) = (Vec::new(), Vec::new());
+    for key in &keys {
+        match hub.registry().regenerate_keys(key, primary, secondary) {
+            Ok([p, s]) => rotated.push(json!({
+                "id": key.device_id, "moduleId": key.module_id,
+                "primaryKey": p, "secondaryKey": s,
+            })),
+            Err(e) => errors.push(json!({
+                "id": key.device_id, "moduleId": key.module_id,
+                "errorCode": e.code.name(), "errorStatus": e.message,
+            })),
+        }
+    }
+    let status = match (rotated.is_empty(), errors.is_empty()) {
+        (_, true) => axum::http::StatusCode::OK,
+        (false, false) => axum::http::StatusCode::MULTI_STATUS,
+        (true, false) => axum::http::StatusCode::BAD_REQUEST,
+    };
+    Ok(super::body::json_response(
+        status,
+        &json!({"policyKey": policy, "rotatedKeys": rotated, "errors": errors}),
+    ))
 }

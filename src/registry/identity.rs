@@ -13,16 +13,21 @@ use serde_json::{json, Map, Value};
 /// Longest device or module id.
 pub const ID_MAX_LEN: usize = 128;
 
+/// The characters besides ASCII letters and digits that device and module ids may use.
+const ID_SPECIALS: &str = "-:.+%_#*?!(),=@;$'";
+
 /// Checks a device or module id against IoT Hub's rules: 1 to 128 ASCII characters, letters,
-/// digits and `- . % _ * ? ! ( ) , : = @ $ '` (Microsoft's "IoT Hub identity registry" page).
+/// digits and `- : . + % _ # * ? ! ( ) , = @ ; $ '` (the id rule as Microsoft's device
+/// life-cycle and connection event schemas state it).
 pub fn validate_id(id: &str, what: &str) -> HubResult<()> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-.%_*?!(),:=@$'".contains(c);
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || ID_SPECIALS.contains(c);
     if id.is_empty() || id.len() > ID_MAX_LEN || !id.chars().all(ok_char) {
         return Err(HubError::new(
             ErrorCode::ArgumentInvalid,
             format!(
-                "{what} '{}' is invalid: it must be 1 to {ID_MAX_LEN} characters of ASCII letters, digits and - . % _ * ? ! ( ) , : = @ $ '",
-                id.chars().take(ID_MAX_LEN + 8).collect::<String>()
+                "{what} '{}' is invalid: it must be 1 to {ID_MAX_LEN} characters of ASCII letters, digits and {}",
+                id.chars().take(ID_MAX_LEN + 8).collect::<String>(),
+                ID_SPECIALS.chars().map(String::from).collect::<Vec<_>>().join(" ")
             ),
         ));
     }
@@ -270,8 +275,26 @@ pub struct DeviceSpec {
     pub status_reason: Option<String>,
     pub credentials: Credentials,
     pub iot_edge: bool,
-    pub device_scope: Option<String>,
-    pub parent_scopes: Vec<String>,
+    /// The scope of the parent edge device the request names: `parentScopes[0]` for an edge
+    /// device, `deviceScope` for any other (IoT Hub derives the other field from it). The
+    /// registry checks that it names a live edge device before applying the spec.
+    pub parent: Option<String>,
+}
+
+/// Scheme of an edge device's scope: `ms-azure-iot-edge://{deviceId}-{generationId}`.
+pub const EDGE_SCOPE_PREFIX: &str = "ms-azure-iot-edge://";
+
+/// The scope IoT Hub gives an edge device.
+pub fn edge_scope(device_id: &str, generation_id: &str) -> String {
+    format!("{EDGE_SCOPE_PREFIX}{device_id}-{generation_id}")
+}
+
+/// The device a scope names: what lies between the prefix and the last `-` (device ids may
+/// contain `-`, generation ids do not), as `az iot hub device-identity parent show` reads it.
+pub fn scope_device_id(scope: &str) -> Option<&str> {
+    let rest = scope.strip_prefix(EDGE_SCOPE_PREFIX)?;
+    let (id, generation) = rest.rsplit_once('-')?;
+    (!id.is_empty() && !generation.is_empty()).then_some(id)
 }
 
 impl DeviceSpec {
@@ -286,49 +309,25 @@ impl DeviceSpec {
             body.get("authentication"),
             existing.map(|d| &d.common.credentials),
         )?;
-        let iot_edge = match body.get("capabilities") {
-            None | Some(Value::Null) => false,
-            Some(Value::Object(c)) => match c.get("iotEdge") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    return Err(HubError::invalid(
-                        "'capabilities.iotEdge' must be a boolean",
-                    ))
-                }
-            },
-            Some(_) => return Err(HubError::invalid("'capabilities' must be a JSON object")),
-        };
-        let parent_scopes = match body.get("parentScopes") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| HubError::invalid("'parentScopes' must be strings"))
-                })
-                .collect::<HubResult<_>>()?,
-            Some(_) => return Err(HubError::invalid("'parentScopes' must be an array")),
-        };
+        let (iot_edge, parent) = edge_and_parent(body)?;
         Ok(Self {
             status: Status::parse(body.get("status"))?,
             status_reason: optional_string(body, "statusReason")?,
             credentials,
             iot_edge,
-            device_scope: optional_string(body, "deviceScope")?,
-            parent_scopes,
+            parent,
         })
     }
 }
 
 impl Device {
     pub fn new(device_id: String, spec: DeviceSpec, etag: String) -> Self {
-        let now = Timestamp::now();
+        let generation_id = new_generation_id();
+        let (device_scope, parent_scopes) = scopes(&device_id, &generation_id, &spec);
         Self {
             device_id,
             common: Common {
-                generation_id: new_generation_id(),
+                generation_id,
                 etag,
                 credentials: spec.credentials,
                 presence: Presence::default(),
@@ -337,10 +336,11 @@ impl Device {
             },
             status: spec.status,
             status_reason: spec.status_reason,
-            status_updated: now,
+            // IoT Hub shows "never" until the status is changed by an update.
+            status_updated: Timestamp::NEVER,
             iot_edge: spec.iot_edge,
-            device_scope: spec.device_scope,
-            parent_scopes: spec.parent_scopes,
+            device_scope,
+            parent_scopes,
         }
     }
 
@@ -349,13 +349,13 @@ impl Device {
         if spec.status != self.status {
             self.status_updated = Timestamp::now();
         }
+        (self.device_scope, self.parent_scopes) =
+            scopes(&self.device_id, &self.common.generation_id, &spec);
+        self.iot_edge = spec.iot_edge;
         self.status = spec.status;
         self.status_reason = spec.status_reason;
         self.common.credentials = spec.credentials;
         self.common.etag = etag;
-        self.iot_edge = spec.iot_edge;
-        self.device_scope = spec.device_scope;
-        self.parent_scopes = spec.parent_scopes;
     }
 
     pub fn to_json(&self) -> Value {
@@ -519,6 +519,66 @@ fn optional_string(body: &Map<String, Value>, field: &str) -> HubResult<Option<S
 }
 
 /// A generation id: IoT Hub uses 18 decimal digits, different for each incarnation of an id.
+/// `capabilities.iotEdge` of a device body, and the scope of the parent it names: for an edge
+/// device `parentScopes[0]` (its own `deviceScope` is the hub's to assign, so one echoed back is
+/// not an error); for any other device its `deviceScope`, from which IoT Hub derives
+/// `parentScopes` (so the `parentScopes` it sends are ignored: `az iot hub device-identity
+/// children remove` sends `deviceScope: ""` with the old ones). `""` means no parent.
+pub fn edge_and_parent(body: &Map<String, Value>) -> HubResult<(bool, Option<String>)> {
+    let iot_edge = match body.get("capabilities") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(c)) => match c.get("iotEdge") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(HubError::invalid(
+                    "'capabilities.iotEdge' must be a boolean",
+                ))
+            }
+        },
+        Some(_) => return Err(HubError::invalid("'capabilities' must be a JSON object")),
+    };
+    let parent_scopes: Vec<String> = match body.get("parentScopes") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| HubError::invalid("'parentScopes' must be strings"))
+            })
+            .collect::<HubResult<_>>()?,
+        Some(_) => return Err(HubError::invalid("'parentScopes' must be an array")),
+    };
+    let device_scope = optional_string(body, "deviceScope")?;
+    let parent = if iot_edge {
+        if parent_scopes.len() > 1 {
+            return Err(HubError::invalid(
+                "An edge device can have at most one parent: 'parentScopes' has more than one scope",
+            ));
+        }
+        parent_scopes.into_iter().next()
+    } else {
+        device_scope
+    };
+    Ok((iot_edge, parent.filter(|s| !s.is_empty())))
+}
+
+/// `deviceScope` and `parentScopes` of a device: an edge device has its own scope and its
+/// parent's in `parentScopes`; a leaf device's scope is its parent's, and so is `parentScopes`.
+fn scopes(
+    device_id: &str,
+    generation_id: &str,
+    spec: &DeviceSpec,
+) -> (Option<String>, Vec<String>) {
+    let parents: Vec<String> = spec.parent.iter().cloned().collect();
+    if spec.iot_edge {
+        (Some(edge_scope(device_id, generation_id)), parents)
+    } else {
+        (spec.parent.clone(), parents)
+    }
+}
+
 fn new_generation_id() -> String {
     use rand::Rng;
     format!(
@@ -537,10 +597,25 @@ mod tests {
 
     #[test]
     fn id_rules() {
-        for good in ["dev1", "a-b.c%d_e*f?g!h(i)j,k:l=m@n$o'p", &"x".repeat(128)] {
+        for good in [
+            "dev1",
+            "a-b.c%d_e*f?g!h(i)j,k:l=m@n$o'p",
+            "a+b#c;d",
+            &"x".repeat(128),
+        ] {
             assert!(validate_id(good, "id").is_ok(), "{good}");
         }
-        for bad in ["", "a b", "a/b", "a#b", "a+b", "ünï", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "a&b",
+            "a\\b",
+            "a\"b",
+            "ünï",
+            "a\tb",
+            &"x".repeat(129),
+        ] {
             assert!(validate_id(bad, "id").is_err(), "{bad}");
         }
     }

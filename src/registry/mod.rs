@@ -20,6 +20,7 @@ pub mod identity;
 
 pub use identity::{Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
 
+use crate::auth::SymmetricKey;
 use crate::c2d::{self, CloudMessage};
 use crate::error::{ErrorCode, HubError, HubResult};
 use crate::query::{Row, RowPlan};
@@ -288,8 +289,12 @@ impl Registry {
         if_match: &IfMatch,
     ) -> HubResult<Value> {
         identity::validate_id(device_id, "Device id")?;
+        // The parent is checked before the device's own record is locked: one record lock
+        // at a time.
+        let parent = self.check_parent(device_id, body)?;
         if *if_match == IfMatch::Absent {
-            let spec = DeviceSpec::from_json(device_id, body, None)?;
+            let mut spec = DeviceSpec::from_json(device_id, body, None)?;
+            spec.parent = parent;
             return match self.devices.entry(device_id.into()) {
                 dashmap::Entry::Occupied(_) => Err(HubError::new(
                     ErrorCode::DeviceAlreadyExists,
@@ -298,13 +303,14 @@ impl Registry {
                 dashmap::Entry::Vacant(slot) => {
                     let device = Device::new(device_id.to_owned(), spec, self.next_etag());
                     let json = device.to_json();
-                    let record = DeviceRecord {
+                    let mut record = DeviceRecord {
                         device,
                         twin: Twin::new(),
                         modules: BTreeMap::new(),
                         c2d: VecDeque::new(),
                         deleted: false,
                     };
+                    self.add_edge_modules(&mut record);
                     self.persist(device_id, &record)?;
                     let record = Arc::new(Mutex::new(record));
                     self.index_mut()
@@ -318,12 +324,110 @@ impl Registry {
             device_id,
             |rec| {
                 if_match.check(&rec.device.common.etag)?;
-                let spec = DeviceSpec::from_json(device_id, body, Some(&rec.device))?;
+                let mut spec = DeviceSpec::from_json(device_id, body, Some(&rec.device))?;
+                spec.parent = parent;
                 rec.device.update(spec, self.next_etag());
+                self.add_edge_modules(rec);
                 Ok(rec.device.to_json())
             },
             |_| {},
         )
+    }
+
+    /// The parent edge device a device body names (see [`identity::edge_and_parent`]),
+    /// checked as IoT Hub checks it: the scope must be the current scope of a live edge
+    /// device other than this one, and an edge device may not become its own ancestor.
+    /// A device that stops being an edge device may send back its own old scope: that means
+    /// no parent.
+    fn check_parent(
+        &self,
+        device_id: &str,
+        body: &Map<String, Value>,
+    ) -> HubResult<Option<String>> {
+        let (iot_edge, parent) = identity::edge_and_parent(body)?;
+        let Some(scope) = parent else {
+            return Ok(None);
+        };
+        let invalid = |why: &str| {
+            HubError::invalid(format!(
+                "Invalid scope '{scope}' for device '{device_id}': {why}"
+            ))
+        };
+        let Some(parent_id) = identity::scope_device_id(&scope) else {
+            return Err(invalid("it is not the scope of an edge device"));
+        };
+        if parent_id == device_id {
+            let own_old_scope = !iot_edge
+                && self
+                    .with_device(device_id, |rec| {
+                        Ok(rec.device.device_scope.as_deref() == Some(&scope))
+                    })
+                    .unwrap_or(false);
+            return if own_old_scope {
+                Ok(None)
+            } else {
+                Err(invalid("a device cannot be its own parent"))
+            };
+        }
+        let mut up = self
+            .with_device(parent_id, |rec| {
+                let d = &rec.device;
+                Ok((d.iot_edge && d.device_scope.as_deref() == Some(&scope))
+                    .then(|| d.parent_scopes.first().cloned()))
+            })
+            .ok()
+            .flatten()
+            .ok_or_else(|| invalid("no edge device has this scope"))?;
+        if iot_edge {
+            // Walk up the parent's ancestors (bounded, in case of a stale chain).
+            for _ in 0..MAX_EDGE_DEPTH {
+                let Some(ancestor) = up.as_deref().and_then(identity::scope_device_id) else {
+                    break;
+                };
+                if ancestor == device_id {
+                    return Err(invalid("the parent is a descendant of this device"));
+                }
+                up = self
+                    .with_device(ancestor, |rec| {
+                        Ok(rec.device.parent_scopes.first().cloned())
+                    })
+                    .unwrap_or(None);
+            }
+        }
+        Ok(Some(scope))
+    }
+
+    /// An edge device has the `$edgeAgent` and `$edgeHub` module identities (SAS, with keys
+    /// the hub generates) and their twins from the moment it is an edge device, as in IoT Hub.
+    fn add_edge_modules(&self, rec: &mut DeviceRecord) {
+        if !rec.device.iot_edge {
+            return;
+        }
+        for module_id in EDGE_MODULES {
+            if rec.modules.contains_key(module_id) {
+                continue;
+            }
+            let spec = ModuleSpec {
+                managed_by: None,
+                credentials: Credentials::Sas {
+                    primary: SymmetricKey::generate(),
+                    secondary: SymmetricKey::generate(),
+                },
+            };
+            let module = Module::new(
+                rec.device.device_id.clone(),
+                module_id.to_owned(),
+                spec,
+                self.next_etag(),
+            );
+            rec.modules.insert(
+                module_id.to_owned(),
+                ModuleRecord {
+                    module,
+                    twin: Twin::new(),
+                },
+            );
+        }
     }
 
     pub fn get_device(&self, device_id: &str) -> HubResult<Value> {
@@ -652,6 +756,21 @@ impl Registry {
         }, |()| {})
     }
 
+    /// `DELETE /devices/{id}/commands`: drops every message waiting for the device, delivered
+    /// or not; returns how many there were.
+    pub fn purge_c2d(&self, device_id: &str) -> HubResult<usize> {
+        self.change_device(
+            device_id,
+            |rec| {
+                let purged = rec.c2d.len();
+                rec.c2d.clear();
+                rec.device.common.c2d_count = 0;
+                Ok(purged)
+            },
+            |_| {},
+        )
+    }
+
     /// Unexpired messages waiting for a device, except those in `in_flight`, oldest first.
     pub fn pending_c2d(&self, device_id: &str, in_flight: &HashSet<u64>) -> Vec<CloudMessage> {
         self.with_device(device_id, |rec| {
@@ -720,6 +839,46 @@ impl Registry {
                 tracing::error!(error = %e, "clearing the data dir failed");
             }
         }
+    }
+
+    /// Replaces an identity's primary key, secondary key or both with new random ones (bulk
+    /// key regeneration); the identity gets a new etag. Returns the keys now in force.
+    ///
+    /// # Errors
+    /// 404 for an unknown identity; 400 when it does not authenticate with SAS keys.
+    pub fn regenerate_keys(
+        &self,
+        key: &IdentityKey,
+        primary: bool,
+        secondary: bool,
+    ) -> HubResult<[String; 2]> {
+        self.change_device(
+            &key.device_id,
+            |rec| {
+                let etag = self.next_etag();
+                let common = common_of(rec, key)?;
+                let Credentials::Sas {
+                    primary: p,
+                    secondary: s,
+                } = &mut common.credentials
+                else {
+                    return Err(HubError::invalid(format!(
+                        "{key} authenticates with {}, not with symmetric keys",
+                        common.credentials.type_name()
+                    )));
+                };
+                if primary {
+                    *p = SymmetricKey::generate();
+                }
+                if secondary {
+                    *s = SymmetricKey::generate();
+                }
+                let keys = [p.to_base64(), s.to_base64()];
+                common.etag = etag;
+                Ok(keys)
+            },
+            |_| {},
+        )
     }
 
     /// Whether an identity exists.
@@ -927,6 +1086,12 @@ fn twin_row(device: &Device, module: Option<&Module>, twin: &Twin, shape: RowSha
 /// The most fields a twin's JSON has at its top level.
 const TWIN_FIELDS: usize = 18;
 
+/// The module identities IoT Hub gives every edge device (its runtime's two system modules).
+const EDGE_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
+
+/// How far up a chain of edge parents the cycle check walks (IoT Hub allows five layers).
+const MAX_EDGE_DEPTH: usize = 10;
+
 /// The identity part of a twin's JSON: every field before `tags`, in the row's order.
 fn write_identity(
     device: &Device,
@@ -1110,6 +1275,106 @@ mod tests {
         reg.put_device("d", &Map::new(), &IfMatch::Absent).unwrap();
         let err = reg.get_module("d", "m").unwrap_err();
         assert_eq!(err.code, ErrorCode::ModuleNotFound);
+    }
+
+    #[test]
+    fn edge_devices_get_a_scope_system_modules_and_children() {
+        let reg = Registry::new(50);
+        let edge = json!({"capabilities": {"iotEdge": true}});
+        let root = reg
+            .put_device("root-1", &obj(edge.clone()), &IfMatch::Absent)
+            .unwrap();
+        let scope = root["deviceScope"].as_str().unwrap().to_owned();
+        assert_eq!(
+            scope,
+            format!(
+                "ms-azure-iot-edge://root-1-{}",
+                root["generationId"].as_str().unwrap()
+            )
+        );
+        assert_eq!(root["parentScopes"], json!([]));
+        let modules: Vec<Value> = reg.list_modules("root-1").unwrap();
+        let ids: Vec<&str> = modules
+            .iter()
+            .map(|m| m["moduleId"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["$edgeAgent", "$edgeHub"]);
+        assert_eq!(modules[0]["authentication"]["type"], "sas");
+        reg.get_twin(&IdentityKey::module("root-1", "$edgeHub"))
+            .unwrap();
+
+        // A leaf device names its parent by deviceScope; parentScopes follows.
+        let leaf = reg
+            .put_device(
+                "leaf",
+                &obj(json!({"deviceScope": scope})),
+                &IfMatch::Absent,
+            )
+            .unwrap();
+        assert_eq!(leaf["deviceScope"], json!(scope));
+        assert_eq!(leaf["parentScopes"], json!([scope]));
+        // A scope no edge device has is refused, and the device is unchanged.
+        for bad in [
+            "2b1e0f0c-6f43-4bd6-9d1c-7b0b2d5f1e1a",
+            "ms-azure-iot-edge://root-1-1",
+            "ms-azure-iot-edge://leaf-1",
+        ] {
+            let err = reg
+                .put_device("leaf", &obj(json!({"deviceScope": bad})), &IfMatch::Any)
+                .unwrap_err();
+            assert_eq!(err.code, ErrorCode::ArgumentInvalid, "{bad}");
+        }
+        assert_eq!(reg.get_device("leaf").unwrap()["deviceScope"], json!(scope));
+        // `children remove`: deviceScope "" (with the stale parentScopes) detaches it.
+        let detached = reg
+            .put_device(
+                "leaf",
+                &obj(json!({"deviceScope": "", "parentScopes": [scope]})),
+                &IfMatch::Any,
+            )
+            .unwrap();
+        assert_eq!(detached["parentScopes"], json!([]));
+        assert_eq!(detached["deviceScope"], Value::Null);
+
+        // Nested edge: the child edge device keeps its own scope and names its parent in
+        // parentScopes; the parent cannot then become the child's child.
+        let mut child_body = edge.clone();
+        child_body["parentScopes"] = json!([scope]);
+        let child = reg
+            .put_device("child", &obj(child_body), &IfMatch::Absent)
+            .unwrap();
+        let child_scope = child["deviceScope"].as_str().unwrap().to_owned();
+        assert!(child_scope.starts_with("ms-azure-iot-edge://child-"));
+        assert_eq!(child["parentScopes"], json!([scope]));
+        let mut cycle = edge.clone();
+        cycle["parentScopes"] = json!([child_scope]);
+        let err = reg
+            .put_device("root-1", &obj(cycle), &IfMatch::Any)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ArgumentInvalid);
+        let mut two = edge.clone();
+        two["parentScopes"] = json!([scope, child_scope]);
+        let err = reg
+            .put_device("child", &obj(two), &IfMatch::Any)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ArgumentInvalid);
+        let mut own = edge.clone();
+        own["parentScopes"] = json!([child_scope]);
+        let err = reg
+            .put_device("child", &obj(own), &IfMatch::Any)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ArgumentInvalid);
+        // Updating an edge device keeps its scope and modules, whatever deviceScope it sends.
+        let mut echo = edge;
+        echo["deviceScope"] = json!("something else");
+        let root_again = reg.put_device("root-1", &obj(echo), &IfMatch::Any).unwrap();
+        assert_eq!(root_again["deviceScope"], json!(scope));
+        // No longer an edge device: its own old scope in the body means no parent.
+        let plain = reg
+            .put_device("root-1", &obj(json!({"deviceScope": scope})), &IfMatch::Any)
+            .unwrap();
+        assert_eq!(plain["deviceScope"], Value::Null);
+        assert_eq!(plain["capabilities"]["iotEdge"], false);
     }
 
     #[test]
