@@ -545,11 +545,11 @@ pub(crate) fn sas_error(e: SasError) -> HubError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::auth::{sas::make_token, SymmetricKey, OWNER_KEY};
 
-    fn config() -> Config {
+    pub(crate) fn config() -> Config {
         Config {
             hostname: "myhub.local".into(),
             bind: "127.0.0.1".parse().unwrap(),

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -425,7 +426,9 @@ def test_amqp_eventhub_consumer_reads_python_mqtt_telemetry(hub, new_module):
     d_client = device_client(hub, device)
     m_client = module_client(hub, device, module)
     body = '{"temperature": 21.5, "text": "h\u00e9llo"}'
-    message_ids = [unique_id("ehmid"), unique_id("ehmid")]
+    # The second id looks like a UUID, as the SDKs' generated ids do: IoT Hub forwards it as
+    # the string the device sent, not as an AMQP uuid.
+    message_ids = [unique_id("ehmid"), str(uuid.uuid4())]
     sent_after = datetime.now(timezone.utc)
 
     async def send():
@@ -440,12 +443,17 @@ def test_amqp_eventhub_consumer_reads_python_mqtt_telemetry(hub, new_module):
             module_message = Message("module says hi", message_id="ehmod-1")
             module_message.custom_properties = {"severity": "high"}
             await step(m_client.send_message(module_message))
+            # No id, no content type: no properties section at all (not one of nulls).
+            await step(m_client.send_message(Message("bare")))
         finally:
             await step(d_client.shutdown(), timeout=20)
             await step(m_client.shutdown(), timeout=20)
 
     run(send())
-    device_events = run(receive_events(hub, from_device(device_id), 3, starting_position="-1"))
+    device_events = run(receive_events(hub, from_device(device_id), 4, starting_position="-1"))
+    bare = [e for _, e in device_events if e.body_as_str() == "bare"]
+    assert len(bare) == 1 and bare[0].message.properties is None, [e.message.properties for e in bare]
+    device_events = [(pid, e) for pid, e in device_events if e.body_as_str() != "bare"]
     # The device's own two messages (its module's message also has its device id).
     own = [(pid, e) for pid, e in device_events if b"iothub-connection-module-id" not in e.system_properties]
     module_events = [(pid, e) for pid, e in device_events if b"iothub-connection-module-id" in e.system_properties]

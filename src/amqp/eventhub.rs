@@ -8,13 +8,13 @@
 //! number and offset: increasing within a partition, though not contiguous.
 
 use super::connection::{error, refuse, AmqpMessage, Conn};
-use super::message::{full_message, id_value, property_text};
+use super::message::{full_message, property_text};
 use super::service::status_reply;
 use crate::hub::Hub;
 use crate::telemetry::Message;
 use fe2o3_amqp::acceptor::LinkEndpoint;
 use fe2o3_amqp::link::delivery::Sendable;
-use fe2o3_amqp::types::messaging::{Body, Properties};
+use fe2o3_amqp::types::messaging::{Body, MessageId, Properties};
 use fe2o3_amqp::types::primitives::{
     Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value,
 };
@@ -363,8 +363,10 @@ fn event_message(hub: &Hub, m: &Message) -> AmqpMessage {
 
     let text = |k: &str| m.system.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let properties = Properties {
-        message_id: text("message-id").as_deref().map(id_value),
-        correlation_id: text("correlation-id").as_deref().map(id_value),
+        // IoT Hub forwards the ids as the strings the device sent, even when they look like
+        // UUIDs (the Python SDK's e2e helper looks each arrival up by the id string it sent).
+        message_id: text("message-id").map(MessageId::String),
+        correlation_id: text("correlation-id").map(MessageId::String),
         user_id: text("user-id").map(|u| Binary::from(u.into_bytes())),
         content_type: text("content-type").map(Symbol::from),
         content_encoding: text("content-encoding").map(Symbol::from),
@@ -427,6 +429,50 @@ mod tests {
         );
         assert_eq!(p("amqp.annotation.x-opt-partition-key > 'a'"), None);
         assert_eq!(p("nonsense"), None);
+    }
+
+    #[test]
+    fn events_carry_the_ids_as_sent_and_no_empty_properties_section() {
+        let hub = Hub::new(&crate::hub::tests::config());
+        let message = |system: serde_json::Value| Message {
+            sequence: 1,
+            enqueued: crate::timestamp::Timestamp::now(),
+            identity: crate::registry::IdentityKey::device("d"),
+            auth_method: "SAS",
+            output: None,
+            system: system.as_object().unwrap().clone(),
+            properties: serde_json::Map::new(),
+            body: bytes::Bytes::from_static(b"{}"),
+        };
+        let uuid = "2b1e0f0c-6f43-4bd6-9d1c-7b0b2d5f1e1a";
+        let event = event_message(
+            &hub,
+            &message(serde_json::json!({
+                "message-id": uuid,
+                "correlation-id": uuid,
+                "content-type": "application/json",
+                "content-encoding": "utf-8",
+            })),
+        );
+        let p = event.properties.expect("a properties section");
+        assert_eq!(p.message_id, Some(MessageId::String(uuid.to_owned())));
+        assert_eq!(p.correlation_id, Some(MessageId::String(uuid.to_owned())));
+        assert_eq!(p.content_type, Some(Symbol::from("application/json")));
+        assert_eq!(p.content_encoding, Some(Symbol::from("utf-8")));
+
+        let bare = event_message(&hub, &message(serde_json::json!({})));
+        assert!(bare.properties.is_none(), "{:?}", bare.properties);
+        let annotations = bare.message_annotations.unwrap().0;
+        let annotation = |k: &str| {
+            let key: fe2o3_amqp::types::messaging::annotations::OwnedKey = Symbol::from(k).into();
+            annotations.get(&key).cloned()
+        };
+        assert!(matches!(annotation("x-opt-sequence-number"), Some(Value::Long(1))));
+        assert!(matches!(annotation("iothub-enqueuedtime"), Some(Value::Timestamp(_))));
+        assert_eq!(
+            annotation("iothub-connection-device-id"),
+            Some(Value::String("d".to_owned()))
+        );
     }
 
     #[test]

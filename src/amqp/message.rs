@@ -319,7 +319,9 @@ pub fn full_message(
         header: None,
         delivery_annotations: None,
         message_annotations: Some(MessageAnnotations(annotations)),
-        properties: Some(properties),
+        // No section at all when nothing is set: an all-null one breaks readers that take a
+        // present section to mean a present content type (the Python SDK's e2e helper).
+        properties: (properties != Properties::default()).then_some(properties),
         application_properties: Some(ApplicationProperties(application)),
         body: data_body(body.to_vec()),
         footer: None,
