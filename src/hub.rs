@@ -41,6 +41,8 @@ struct Inner {
     event_hub_name: String,
     /// The CA certificate (PEM) clients trust, served by the control API. Set once at start-up.
     ca_pem: std::sync::OnceLock<String>,
+    /// The port AMQP/TLS listens on, once bound (where `amqp:link:redirect` sends clients).
+    amqp_port: std::sync::OnceLock<u16>,
     /// Shared access policies; fixed after start-up, so no lock.
     policies: Vec<Policy>,
     /// Host names accepted in SAS `sr`, lower-case; fixed after start-up.
@@ -110,6 +112,7 @@ impl Hub {
                 feedback: crate::c2d::Feedback::default(),
                 event_hub_name: config.hub_name(),
                 ca_pem: std::sync::OnceLock::new(),
+                amqp_port: std::sync::OnceLock::new(),
                 policies: config.policies.clone(),
                 host_names: config.host_names(),
                 hostname: config.hostname.clone(),
@@ -164,6 +167,15 @@ impl Hub {
     }
 
     /// Records the CA certificate clients trust (once, at start-up).
+    pub fn set_amqp_port(&self, port: u16) {
+        let _ = self.inner.amqp_port.set(port);
+    }
+
+    /// The AMQP/TLS port clients are redirected to (5671 until the listener is bound).
+    pub fn amqp_port(&self) -> u16 {
+        self.inner.amqp_port.get().copied().unwrap_or(5671)
+    }
+
     pub fn set_ca_pem(&self, pem: String) {
         let _ = self.inner.ca_pem.set(pem);
     }

@@ -406,3 +406,57 @@ async fn a_token_that_expires_without_renewal_closes_the_connection() {
         "the identity must be offline"
     );
 }
+
+/// Scenario (`az iot hub monitor-events` with the IoT Hub connection string): a client that
+/// authenticated with SASL PLAIN as `iothubowner@sas.root.{hub}` and attaches a receiver on
+/// `messages/events/$management` is detached with `amqp:link:redirect`, naming the Event
+/// Hub-compatible address and this hub's AMQP port; it can then attach there. Without a
+/// token with ServiceConnect the same link is refused as unauthorized.
+#[tokio::test]
+async fn messages_events_redirects_to_the_event_hub_compatible_endpoint() {
+    use fe2o3_amqp::sasl_profile::SaslProfile;
+    let t = common::start().await;
+    let mut owner = open(
+        &t,
+        Some(SaslProfile::Plain {
+            username: "iothubowner@sas.root.localhost".into(),
+            password: policy_token("iothubowner"),
+        }),
+    )
+    .await
+    .unwrap();
+    let refused = owner
+        .refused_receiver("amqps://localhost/messages/events/$management")
+        .await
+        .expect("the link must be detached");
+    assert!(refused.contains("redirect"), "{refused}");
+    let entity = t.hub.event_hub_name().to_ascii_lowercase();
+    assert!(
+        refused.contains(&format!("amqps://localhost/{entity}/$management")),
+        "{refused}"
+    );
+    assert!(refused.contains(&t.amqp.port().to_string()), "{refused}");
+    // The redirected address is served.
+    assert!(owner
+        .refused_receiver(&format!("amqps://localhost/{entity}/$management"))
+        .await
+        .is_none());
+    owner.close().await;
+
+    let key = t.device("amqp-redirect").await;
+    let mut device = open(
+        &t,
+        Some(SaslProfile::Plain {
+            username: "amqp-redirect@sas.localhost".into(),
+            password: identity_token("amqp-redirect", None, &key),
+        }),
+    )
+    .await
+    .unwrap();
+    let refused = device
+        .refused_receiver("/messages/events/ConsumerGroups/$Default/Partitions/0")
+        .await
+        .expect("the link must be detached");
+    assert!(refused.contains("unauthorized"), "{refused}");
+    device.close().await;
+}

@@ -28,6 +28,10 @@ pub enum Node {
     ServiceBound,
     /// `/messages/serviceBound/feedback`: delivery feedback for the service.
     Feedback,
+    /// `/messages/events[/…]`: IoT Hub's own address for the built-in events endpoint, which
+    /// it answers with `amqp:link:redirect` to the Event Hub-compatible one; holds the rest of
+    /// the path (`$management`, `ConsumerGroups/{g}/Partitions/{n}`, or empty).
+    EventsRedirect(String),
     /// `/{entity}/ConsumerGroups/{group}/Partitions/{n}`: an Event Hub partition.
     Partition {
         entity: String,
@@ -58,6 +62,12 @@ pub fn parse(address: &str) -> Option<Node> {
     let is = |word: &str, want: &str| word.eq_ignore_ascii_case(want);
     let node = match words.as_slice() {
         [m, d] if is(m, "messages") && is(d, "devicebound") => Node::ServiceBound,
+        [m, e, rest @ ..] if is(m, "messages") && is(e, "events") => {
+            Node::EventsRedirect(rest.join("/"))
+        }
+        // `{entity}/$management`: where a redirected client (uamqp, `az iot hub
+        // monitor-events`) attaches its management link.
+        [_, m] if *m == "$management" => Node::Management,
         [m, s, f] if is(m, "messages") && is(s, "servicebound") && is(f, "feedback") => {
             Node::Feedback
         }
@@ -141,6 +151,24 @@ mod tests {
         );
         assert_eq!(parse("$cbs"), Some(Node::Cbs));
         assert_eq!(parse("$management"), Some(Node::Management));
+        assert_eq!(
+            parse("amqps://localhost/localhost/$management"),
+            Some(Node::Management)
+        );
+        assert_eq!(
+            parse("amqps://localhost/messages/events/$management"),
+            Some(Node::EventsRedirect("$management".into()))
+        );
+        assert_eq!(
+            parse("/messages/events/ConsumerGroups/$Default/Partitions/1"),
+            Some(Node::EventsRedirect(
+                "ConsumerGroups/$Default/Partitions/1".into()
+            ))
+        );
+        assert_eq!(
+            parse("/messages/events"),
+            Some(Node::EventsRedirect(String::new()))
+        );
         assert_eq!(
             parse("amqps://127.0.0.1:5671/hub/ConsumerGroups/$Default/Partitions/3"),
             Some(Node::Partition {

@@ -387,8 +387,45 @@ fn route(conn: &Arc<Conn>, node: address::Node, link: LinkEndpoint) {
         ) => {
             tokio::spawn(eventhub::partition(conn, s, entity, group, partition));
         }
+        (Node::EventsRedirect(rest), link) => {
+            let error = if conn.authorized(|g| g.allows_event_hub(conn.hub.event_hub_name())) {
+                redirect(&conn.hub, &rest)
+            } else {
+                error(
+                    "amqp:unauthorized-access",
+                    "Unauthorized: connect with a token of a policy with ServiceConnect",
+                )
+            };
+            refuse(link, error);
+        }
         (node, link) => device::route(conn, node, link),
     }
+}
+
+/// IoT Hub's answer to a link on `messages/events`: `amqp:link:redirect` to the same path on
+/// the Event Hub-compatible endpoint, with `hostname`, `network-host`, `port` and `address` in
+/// the error's info (AMQP 1.0 §2.8.17), as uamqp and the Event Hubs SDKs read it.
+fn redirect(hub: &Hub, rest: &str) -> definitions::Error {
+    let host = hub.hostname();
+    let address = if rest.is_empty() {
+        format!("amqps://{host}/{}", hub.event_hub_name())
+    } else {
+        format!("amqps://{host}/{}/{rest}", hub.event_hub_name())
+    };
+    let mut info = definitions::Fields::new();
+    for (k, v) in [
+        ("hostname", Value::String(host.to_owned())),
+        ("network-host", Value::String(host.to_owned())),
+        ("port", Value::Int(i32::from(hub.amqp_port()))),
+        ("address", Value::String(address.clone())),
+    ] {
+        info.insert(Symbol::from(k), v);
+    }
+    definitions::Error::new(
+        ErrorCondition::LinkError(definitions::LinkError::Redirect),
+        Some(format!("Use the Event Hub-compatible endpoint: {address}")),
+        Some(info),
+    )
 }
 
 /// Detaches a just-attached link with `error` (IoT Hub's way of refusing a link).

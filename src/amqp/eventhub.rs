@@ -467,8 +467,14 @@ mod tests {
             let key: fe2o3_amqp::types::messaging::annotations::OwnedKey = Symbol::from(k).into();
             annotations.get(&key).cloned()
         };
-        assert!(matches!(annotation("x-opt-sequence-number"), Some(Value::Long(1))));
-        assert!(matches!(annotation("iothub-enqueuedtime"), Some(Value::Timestamp(_))));
+        assert!(matches!(
+            annotation("x-opt-sequence-number"),
+            Some(Value::Long(1))
+        ));
+        assert!(matches!(
+            annotation("iothub-enqueuedtime"),
+            Some(Value::Timestamp(_))
+        ));
         assert_eq!(
             annotation("iothub-connection-device-id"),
             Some(Value::String("d".to_owned()))

@@ -33,6 +33,9 @@ pub async fn serve(
     hub: Hub,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    if let Ok(addr) = listener.local_addr() {
+        hub.set_amqp_port(addr.port());
+    }
     crate::tls::accept_loop(listener, acceptor, "amqp", shutdown, move |tls, peer| {
         connection::run(hub.clone(), tls, peer.to_string())
     })
