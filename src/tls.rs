@@ -16,9 +16,12 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::crypto::{ring, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, SubjectPublicKeyInfoDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName as TlsName, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName as TlsName, ServerConfig,
+    SignatureScheme,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -223,13 +226,36 @@ impl ClientCertVerifier for AnyClientCert {
         Ok(ClientCertVerified::assertion())
     }
 
+    // The handshake signature is checked against the certificate's public key read with
+    // x509-parser, not webpki: webpki reads only X.509 v3, and the certificates OpenSSL's
+    // simplest commands make (and the Node SDK's e2e tests use) are v1.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        let spki = spki_of(cert)?;
+        let key = webpki::RawPublicKeyEntity::try_from(&spki)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        // TLS 1.2 does not say which curve or padding: try each algorithm of the scheme.
+        let algorithms = self
+            .algorithms
+            .mapping
+            .iter()
+            .find(|(scheme, _)| *scheme == dss.scheme)
+            .map(|(_, algorithms)| *algorithms)
+            .ok_or(rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme)?;
+        if algorithms
+            .iter()
+            .any(|alg| key.verify_signature(*alg, message, dss.signature()).is_ok())
+        {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::BadSignature,
+            ))
+        }
     }
 
     fn verify_tls13_signature(
@@ -238,12 +264,26 @@ impl ClientCertVerifier for AnyClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        rustls::crypto::verify_tls13_signature_with_raw_key(
+            message,
+            &spki_of(cert)?,
+            dss,
+            &self.algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// The subject public key (DER SubjectPublicKeyInfo) of a certificate of any X.509 version.
+fn spki_of(cert: &CertificateDer<'_>) -> Result<SubjectPublicKeyInfoDer<'static>, rustls::Error> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    Ok(SubjectPublicKeyInfoDer::from(
+        parsed.tbs_certificate.subject_pki.raw.to_vec(),
+    ))
 }
 
 /// How long a client may take to finish the TLS handshake.
@@ -330,6 +370,11 @@ impl ClientCertInfo {
 
     /// Whether the chain leads to one of `cas` and is valid now for client authentication.
     pub fn chains_to(&self, cas: &[CertificateDer<'static>]) -> bool {
+        self.chains_to_v3(cas) || self.v1_chains_to(cas)
+    }
+
+    /// The chain check of webpki: every certificate v3, key usage and validity checked.
+    fn chains_to_v3(&self, cas: &[CertificateDer<'static>]) -> bool {
         let anchors: Vec<_> = cas
             .iter()
             .filter_map(|ca| webpki::anchor_from_trusted_cert(ca).ok())
@@ -352,6 +397,47 @@ impl ClientCertInfo {
             None,
         )
         .is_ok()
+    }
+
+    /// For an X.509 v1 device certificate (no extensions, so nothing but names, validity and
+    /// signatures to check; webpki refuses v1): each certificate must be valid now and signed
+    /// by the next one, whose subject is its issuer, up to one of `cas`; intermediates must
+    /// be CAs.
+    fn v1_chains_to(&self, cas: &[CertificateDer<'static>]) -> bool {
+        use x509_parser::prelude::{X509Certificate, X509Version};
+        const MAX_DEPTH: usize = 5;
+        fn parse<'a>(der: &'a CertificateDer<'_>) -> Option<X509Certificate<'a>> {
+            x509_parser::parse_x509_certificate(der)
+                .ok()
+                .map(|(_, c)| c)
+                .filter(|c| c.validity().is_valid())
+        }
+        let Some(mut current) = self.chain.first().and_then(|c| parse(c)) else {
+            return false;
+        };
+        if current.version() != X509Version::V1 {
+            return false;
+        }
+        let signs = |issuer: &X509Certificate<'_>, cert: &X509Certificate<'_>| {
+            issuer.subject() == cert.issuer()
+                && cert.verify_signature(Some(issuer.public_key())).is_ok()
+        };
+        let anchors: Vec<_> = cas.iter().filter_map(|c| parse(c)).collect();
+        let intermediates: Vec<_> = self.chain[1..]
+            .iter()
+            .filter_map(|c| parse(c))
+            .filter(|c| c.tbs_certificate.is_ca())
+            .collect();
+        for _ in 0..MAX_DEPTH {
+            if anchors.iter().any(|ca| signs(ca, &current)) {
+                return true;
+            }
+            match intermediates.iter().find(|i| signs(i, &current)) {
+                Some(next) => current = next.clone(),
+                None => return false,
+            }
+        }
+        false
     }
 
     /// Loads CA certificates (PEM) that CA-signed device certificates must chain to.

@@ -25,6 +25,93 @@ fn self_signed(cn: &str) -> (String, String, String) {
     )
 }
 
+/// DER: tag, length, content.
+fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    match len {
+        0..=0x7f => out.push(len as u8),
+        0x80..=0xff => out.extend([0x81, len as u8]),
+        _ => out.extend([0x82, (len >> 8) as u8, len as u8]),
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// The DER Name `CN=<cn>`.
+fn cn_name(cn: &str) -> Vec<u8> {
+    let oid_cn = [0x06, 0x03, 0x55, 0x04, 0x03];
+    let atv = der(0x30, &[&oid_cn[..], &der(0x0c, cn.as_bytes())].concat());
+    der(0x30, &der(0x31, &atv))
+}
+
+/// An X.509 **v1** certificate, as OpenSSL's simplest commands (`openssl x509 -req`, the
+/// Node SDK's `pem` package) make it: no version field, no extensions. Subject `CN=<cn>`,
+/// the key of `subject`, signed (ECDSA P-256, SHA-256) by `issuer_key` in the name of the
+/// DER Name `issuer`. Returns the certificate as PEM.
+fn v1_certificate(
+    cn: &str,
+    serial: u8,
+    subject: &rcgen::KeyPair,
+    issuer: &[u8],
+    issuer_key: &rcgen::KeyPair,
+) -> String {
+    use base64::Engine;
+    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let ecdsa_sha256 = der(
+        0x30,
+        &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02],
+    );
+    let validity = der(
+        0x30,
+        &[der(0x17, b"250101000000Z"), der(0x17, b"491231235959Z")].concat(),
+    );
+    let tbs = der(
+        0x30,
+        &[
+            der(0x02, &[serial]),
+            ecdsa_sha256.clone(),
+            issuer.to_vec(),
+            validity,
+            cn_name(cn),
+            subject.public_key_der(),
+        ]
+        .concat(),
+    );
+    let rng = ring::rand::SystemRandom::new();
+    let signer = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &issuer_key.serialize_der(),
+        &rng,
+    )
+    .unwrap();
+    let signature = signer.sign(&rng, &tbs).unwrap();
+    let bits = [&[0u8][..], signature.as_ref()].concat();
+    let cert = der(0x30, &[tbs, ecdsa_sha256, der(0x03, &bits)].concat());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&cert);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// The SHA-1 thumbprint (hex) of a PEM certificate.
+fn thumbprint_of(pem: &str) -> String {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    sha1::Sha1::digest(&der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect()
+}
+
 fn x509_options(hub: &common::TestHub, id: &str, cert: &str, key: &str) -> rumqttc::MqttOptions {
     let mut options = rumqttc::MqttOptions::new(id, HOST, hub.mqtt.port());
     options.set_credentials(mqtt_username(id), "");
@@ -244,4 +331,82 @@ async fn model_id_from_the_username_reaches_the_twin() {
         .expect_status(200);
     assert_eq!(twin["modelId"], "dtmi:com:example:Thermostat;1");
     assert_ne!(twin["lastActivityTime"], "0001-01-01T00:00:00Z");
+}
+
+/// Scenario (the Node SDK's e2e certificates, made with OpenSSL's defaults): X.509 **v1**
+/// certificates, which have no extensions, authenticate like any other:
+/// - a self-signed v1 certificate, by its thumbprint; a v1 certificate with another key is
+///   still refused
+/// - a v1 leaf issued by a trusted (v3) CA with CN = the device id, by chain and CN; the same
+///   leaf signed by an untrusted key is refused
+#[tokio::test]
+async fn x509_v1_certificates_authenticate_by_thumbprint_and_by_chain() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let self_key = KeyPair::generate().unwrap();
+    let self_cert = v1_certificate("v1dev", 1, &self_key, &cn_name("v1dev"), &self_key);
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "v1 test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = v1_certificate("v1ca", 2, &leaf_key, &cn_name("v1 test CA"), &ca_key);
+    let forged = v1_certificate("v1ca", 3, &leaf_key, &cn_name("v1 test CA"), &leaf_key);
+
+    let trusted = rustls::pki_types::CertificateDer::from(ca.der().to_vec());
+    let hub = common::start_with(|c| c.trusted_cas = vec![trusted]).await;
+    let http = hub.http();
+    http.send(
+        "PUT",
+        "/devices/v1dev",
+        Some(json!({"authentication":{"type":"selfSigned","x509Thumbprint":{"primaryThumbprint": thumbprint_of(&self_cert)}}})),
+        &[],
+    )
+    .await
+    .expect_status(200);
+    http.send(
+        "PUT",
+        "/devices/v1ca",
+        Some(json!({"authentication":{"type":"certificateAuthority"}})),
+        &[],
+    )
+    .await
+    .expect_status(200);
+
+    let code = |connack: Result<mqtt::ConnAck, rumqttc::ConnectionError>| match connack {
+        Ok(ack) => ack.code,
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => code,
+        Err(e) => panic!("unexpected error: {e}"),
+    };
+    let self_pem = self_key.serialize_pem();
+    let (mut client, connack) = hub
+        .mqtt_start(x509_options(&hub, "v1dev", &self_cert, &self_pem))
+        .await;
+    assert_eq!(code(connack), mqtt::ConnectReturnCode::Success);
+    assert_eq!(client.twin_get("v1").await["reported"]["$version"], 1);
+
+    let other_key = KeyPair::generate().unwrap();
+    let other = v1_certificate("v1dev", 4, &other_key, &cn_name("v1dev"), &other_key);
+    let (_c, connack) = hub
+        .mqtt_start(x509_options(
+            &hub,
+            "v1dev",
+            &other,
+            &other_key.serialize_pem(),
+        ))
+        .await;
+    assert_eq!(code(connack), mqtt::ConnectReturnCode::NotAuthorized);
+
+    let leaf_pem = leaf_key.serialize_pem();
+    let (mut client, connack) = hub
+        .mqtt_start(x509_options(&hub, "v1ca", &leaf, &leaf_pem))
+        .await;
+    assert_eq!(code(connack), mqtt::ConnectReturnCode::Success);
+    assert_eq!(client.twin_get("v1ca").await["reported"]["$version"], 1);
+    let (_c, connack) = hub
+        .mqtt_start(x509_options(&hub, "v1ca", &forged, &leaf_pem))
+        .await;
+    assert_eq!(code(connack), mqtt::ConnectReturnCode::NotAuthorized);
 }
