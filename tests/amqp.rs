@@ -24,7 +24,15 @@ async fn open(
     t: &TestHub,
     sasl: Option<fe2o3_amqp::sasl_profile::SaslProfile>,
 ) -> Result<Client, String> {
-    let stream = t.tls_stream(t.amqp).await;
+    open_with_cert(t, sasl, None).await
+}
+
+async fn open_with_cert(
+    t: &TestHub,
+    sasl: Option<fe2o3_amqp::sasl_profile::SaslProfile>,
+    cert: Option<(&str, &str)>,
+) -> Result<Client, String> {
+    let stream = t.tls_stream_with_cert(t.amqp, cert).await;
     let mut builder = Connection::builder()
         .container_id("test")
         .hostname("localhost");
@@ -459,4 +467,62 @@ async fn messages_events_redirects_to_the_event_hub_compatible_endpoint() {
         .expect("the link must be detached");
     assert!(refused.contains("unauthorized"), "{refused}");
     device.close().await;
+}
+
+/// Scenario (the Node SDK's AMQP transport with X.509: TLS client certificate, no SASL, no
+/// `$cbs`): a selfSigned device's links attach on the strength of its certificate alone; the
+/// same connection cannot attach another device's links, and a connection without a
+/// certificate cannot attach the device's.
+#[tokio::test]
+async fn a_client_certificate_authenticates_amqp_links_without_a_token() {
+    use sha1::Digest;
+    let t = common::start().await;
+    let certified = rcgen::generate_simple_self_signed(vec!["amqp-x509".to_owned()]).unwrap();
+    let thumbprint: String = sha1::Sha1::digest(certified.cert.der())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    t.http()
+        .send(
+            "PUT",
+            "/devices/amqp-x509",
+            Some(serde_json::json!({"authentication":{"type":"selfSigned","x509Thumbprint":{"primaryThumbprint": thumbprint}}})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    t.device("amqp-sas").await;
+    let (cert, key) = (certified.cert.pem(), certified.key_pair.serialize_pem());
+
+    let mut client = open_with_cert(&t, None, Some((&cert, &key))).await.unwrap();
+    assert!(client
+        .refused_receiver("/devices/amqp-x509/twin")
+        .await
+        .is_none());
+    let mut events = Sender::attach(
+        &mut client.session,
+        "x509-events",
+        "/devices/amqp-x509/messages/events",
+    )
+    .await
+    .unwrap();
+    let outcome = tokio::time::timeout(WAIT, events.send("over x509".to_owned()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)));
+    let refused = client
+        .refused_receiver("/devices/amqp-sas/twin")
+        .await
+        .expect("another device's link must be refused");
+    assert!(refused.contains("unauthorized"), "{refused}");
+    let _ = events.close().await;
+    client.close().await;
+
+    let mut anonymous = open(&t, None).await.unwrap();
+    assert!(anonymous
+        .refused_receiver("/devices/amqp-x509/twin")
+        .await
+        .is_some());
+    anonymous.close().await;
 }

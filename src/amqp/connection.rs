@@ -10,6 +10,7 @@ use super::{address, device, eventhub, service};
 use crate::hub::Hub;
 use crate::registry::IdentityKey;
 use crate::timestamp::unix_now;
+use crate::tls::ClientCertInfo;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
     ListenerSessionHandle, SessionAcceptor, SupportedReceiverSettleModes,
@@ -54,6 +55,9 @@ pub struct Conn {
     /// Set to close the connection, with the error to close it with.
     closing: Mutex<Option<definitions::Error>>,
     close: Notify,
+    /// The certificate the client presented in the TLS handshake: X.509 devices attach their
+    /// links with no token at all (the Node SDK skips `$cbs` for them).
+    client_cert: Option<ClientCertInfo>,
 }
 
 /// A reply queue between a request link and the response link of the same node.
@@ -102,6 +106,24 @@ impl Conn {
         grants.push(grant);
         drop(grants);
         self.grants_changed.notify_one();
+    }
+
+    /// Whether the connection may act as `key`: a token for it, or a client certificate that
+    /// authenticates it (checked at each attach, so a changed registration applies at once).
+    pub fn may_act_as(&self, key: &IdentityKey) -> bool {
+        if self.authorized(|g| g.allows_device(key)) {
+            return true;
+        }
+        let Some(cert) = &self.client_cert else {
+            return false;
+        };
+        match self.hub.authenticate_x509(key, cert) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(peer = %self.peer, identity = %key, error = %e.message, "amqp client certificate refused");
+                false
+            }
+        }
     }
 
     /// Whether an unexpired grant satisfies `check`.
@@ -179,7 +201,7 @@ impl Conn {
 }
 
 /// Serves one connection, from its first byte to its end.
-pub async fn run<S>(hub: Hub, mut stream: S, peer: String)
+pub async fn run<S>(hub: Hub, mut stream: S, peer: String, client_cert: Option<ClientCertInfo>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
 {
@@ -243,6 +265,7 @@ where
         devices: Mutex::new(HashMap::new()),
         closing: Mutex::new(None),
         close: Notify::new(),
+        client_cert,
     });
     if let Some(grant) = sasl_acceptor
         .granted

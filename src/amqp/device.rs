@@ -159,13 +159,13 @@ pub fn route(conn: Arc<Conn>, node: Node, link: LinkEndpoint) {
             return;
         }
     };
-    if !conn.authorized(|g| g.allows_device(&key)) {
+    if !conn.may_act_as(&key) {
         tracing::info!(peer = %conn.peer, identity = %key, "amqp link refused: no token for it");
         refuse(
             link,
             error(
                 "amqp:unauthorized-access",
-                format!("Unauthorized: put a valid SAS token for {key} on $cbs before attaching its links"),
+                format!("Unauthorized: put a valid SAS token for {key} on $cbs before attaching its links, or connect with a client certificate that authenticates it"),
             ),
         );
         return;

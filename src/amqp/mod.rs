@@ -37,7 +37,12 @@ pub async fn serve(
         hub.set_amqp_port(addr.port());
     }
     crate::tls::accept_loop(listener, acceptor, "amqp", shutdown, move |tls, peer| {
-        connection::run(hub.clone(), tls, peer.to_string())
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(crate::tls::ClientCertInfo::from_chain);
+        connection::run(hub.clone(), tls, peer.to_string(), cert)
     })
     .await;
 }
@@ -45,7 +50,7 @@ pub async fn serve(
 /// Serves AMQP over an upgraded WebSocket (subprotocol `AMQPWSB10`).
 pub async fn serve_websocket(hub: Hub, socket: axum::extract::ws::WebSocket) {
     crate::http::bridge_websocket(socket, move |stream| {
-        connection::run(hub, stream, "websocket".to_owned())
+        connection::run(hub, stream, "websocket".to_owned(), None)
     })
     .await;
 }

@@ -187,18 +187,34 @@ impl TestHub {
 
     /// A rustls client config trusting this hub's CA (for raw MQTT sockets).
     pub fn tls_client(&self) -> Arc<rustls::ClientConfig> {
+        self.tls_client_with_cert(None)
+    }
+
+    /// Like [`tls_client`](Self::tls_client), presenting a client certificate (PEM chain and
+    /// key) when given one.
+    pub fn tls_client_with_cert(&self, cert: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut self.ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match cert {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => {
+                let chain = rustls_pemfile::certs(&mut chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                let key = rustls_pemfile::private_key(&mut key.as_bytes())
+                    .unwrap()
+                    .unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
+        Arc::new(config)
     }
 }
 
@@ -430,10 +446,19 @@ impl TestHub {
 
     /// A TLS stream to `addr`, trusting the hub's CA.
     pub async fn tls_stream(&self, addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+        self.tls_stream_with_cert(addr, None).await
+    }
+
+    /// A TLS stream to `addr` that presents a client certificate (PEM chain, PEM key).
+    pub async fn tls_stream_with_cert(
+        &self,
+        addr: SocketAddr,
+        cert: Option<(&str, &str)>,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
         let connect = async {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let server_name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-            tokio_rustls::TlsConnector::from(self.tls_client())
+            tokio_rustls::TlsConnector::from(self.tls_client_with_cert(cert))
                 .connect(server_name, tcp)
                 .await
                 .unwrap()
