@@ -492,7 +492,11 @@ impl WsMqtt {
                     framed_any = true;
                     match opcode {
                         0x0 | 0x2 => self.mqtt.extend_from_slice(&payload),
-                        0x8 => panic!("the hub closed the WebSocket"),
+                        // A close after the last packet (CONNACK 5, say): that packet first.
+                        0x8 => match mqtt::read(&mut self.mqtt, 1024 * 1024) {
+                            Ok(packet) => return packet,
+                            Err(_) => panic!("the hub closed the WebSocket"),
+                        },
                         _ => {}
                     }
                 }
@@ -518,7 +522,73 @@ impl WsMqtt {
 async fn mqtt_over_websockets_connects_and_answers_a_twin_get() {
     let hub = common::start().await;
     let key = hub.device("dev").await;
-    let mut raw = hub.raw_tls(hub.https).await;
+    let mut ws = websocket(&hub, None).await;
+    let token = common::identity_token("dev", None, &key);
+    ws.send(&common::connect_packet("dev", &token, 60, true))
+        .await;
+    match ws.read_packet().await {
+        mqtt::Packet::ConnAck(ack) => assert_eq!(ack.code, ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+
+    let mut get = BytesMut::new();
+    mqtt::Publish::new("$iothub/twin/GET/?$rid=ws-1", QoS::AtMostOnce, " ")
+        .write(&mut get)
+        .unwrap();
+    ws.send(&get).await;
+    match ws.read_packet().await {
+        mqtt::Packet::Publish(p) => {
+            assert_eq!(p.topic, "$iothub/twin/res/200/?$rid=ws-1");
+            let body: Value = serde_json::from_slice(&p.payload).unwrap();
+            assert_eq!(body["desired"]["$version"], json!(1));
+        }
+        other => panic!("expected the twin response, got {other:?}"),
+    }
+}
+
+/// Scenario (Node `MqttWs` with an X.509 device): the client certificate of the HTTPS
+/// connection authenticates the MQTT session carried over its WebSocket; the same CONNECT
+/// without a certificate is refused with CONNACK 5.
+#[tokio::test]
+async fn a_client_certificate_authenticates_mqtt_over_websockets() {
+    use sha1::Digest;
+    let hub = common::start().await;
+    let certified = rcgen::generate_simple_self_signed(vec!["wsx509".to_owned()]).unwrap();
+    let thumbprint: String = sha1::Sha1::digest(certified.cert.der())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    hub.http()
+        .send(
+            "PUT",
+            "/devices/wsx509",
+            Some(json!({"authentication":{"type":"selfSigned","x509Thumbprint":{"primaryThumbprint": thumbprint}}})),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    let (cert, key) = (certified.cert.pem(), certified.key_pair.serialize_pem());
+    for (client_cert, want) in [
+        (
+            Some((cert.as_str(), key.as_str())),
+            ConnectReturnCode::Success,
+        ),
+        (None, ConnectReturnCode::NotAuthorized),
+    ] {
+        let mut ws = websocket(&hub, client_cert).await;
+        ws.send(&common::connect_packet("wsx509", "", 60, true))
+            .await;
+        match ws.read_packet().await {
+            mqtt::Packet::ConnAck(ack) => assert_eq!(ack.code, want),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+}
+
+/// Opens `GET /$iothub/websocket` with subprotocol `mqtt` on the HTTPS port (optionally
+/// presenting a client certificate) and checks the 101 answer.
+async fn websocket(hub: &TestHub, cert: Option<(&str, &str)>) -> WsMqtt {
+    let mut raw = hub.raw_tls_with_cert(hub.https, cert).await;
 
     // RFC 6455's sample key, whose accept value is known.
     let upgrade = format!(
@@ -550,30 +620,9 @@ async fn mqtt_over_websockets_connects_and_answers_a_twin_get() {
         "{head}"
     );
 
-    let mut ws = WsMqtt {
+    WsMqtt {
         raw,
         wire,
         mqtt: BytesMut::new(),
-    };
-    let token = common::identity_token("dev", None, &key);
-    ws.send(&common::connect_packet("dev", &token, 60, true))
-        .await;
-    match ws.read_packet().await {
-        mqtt::Packet::ConnAck(ack) => assert_eq!(ack.code, ConnectReturnCode::Success),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-
-    let mut get = BytesMut::new();
-    mqtt::Publish::new("$iothub/twin/GET/?$rid=ws-1", QoS::AtMostOnce, " ")
-        .write(&mut get)
-        .unwrap();
-    ws.send(&get).await;
-    match ws.read_packet().await {
-        mqtt::Packet::Publish(p) => {
-            assert_eq!(p.topic, "$iothub/twin/res/200/?$rid=ws-1");
-            let body: Value = serde_json::from_slice(&p.payload).unwrap();
-            assert_eq!(body["desired"]["$version"], json!(1));
-        }
-        other => panic!("expected the twin response, got {other:?}"),
     }
 }

@@ -48,9 +48,13 @@ pub async fn serve(
 }
 
 /// Serves AMQP over an upgraded WebSocket (subprotocol `AMQPWSB10`).
-pub async fn serve_websocket(hub: Hub, socket: axum::extract::ws::WebSocket) {
+pub async fn serve_websocket(
+    hub: Hub,
+    socket: axum::extract::ws::WebSocket,
+    cert: Option<crate::tls::ClientCertInfo>,
+) {
     crate::http::bridge_websocket(socket, move |stream| {
-        connection::run(hub, stream, "websocket".to_owned(), None)
+        connection::run(hub, stream, "websocket".to_owned(), cert)
     })
     .await;
 }

@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 /// The service API and the WebSocket endpoint, as one router.
 pub fn router(hub: Hub) -> Router {
@@ -85,12 +86,21 @@ async fn log_request(
     response
 }
 
+/// The client certificate of the TLS connection a request came on, if any.
+#[derive(Clone)]
+pub struct ClientCert(pub Option<crate::tls::ClientCertInfo>);
+
 /// The WebSocket subprotocol of AMQP over WebSockets.
 const AMQP_WS_PROTOCOL: &str = "AMQPWSB10";
 
 /// `GET /$iothub/websocket`: MQTT (`Sec-WebSocket-Protocol: mqtt`) or AMQP (`AMQPWSB10`) over
 /// WebSockets. A client that names no known subprotocol gets MQTT.
-async fn websocket(State(hub): State<Hub>, upgrade: WebSocketUpgrade) -> Response {
+async fn websocket(
+    State(hub): State<Hub>,
+    cert: Option<axum::Extension<ClientCert>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let cert = cert.and_then(|axum::Extension(ClientCert(c))| c);
     let upgrade = upgrade
         .protocols(["mqtt", AMQP_WS_PROTOCOL])
         .max_message_size(crate::mqtt::MAX_PACKET_BYTES + 16);
@@ -99,11 +109,11 @@ async fn websocket(State(hub): State<Hub>, upgrade: WebSocketUpgrade) -> Respons
         .is_some_and(|p| p.as_bytes() == AMQP_WS_PROTOCOL.as_bytes())
     {
         return upgrade
-            .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket))
+            .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket, cert))
             .into_response();
     }
     upgrade
-        .on_upgrade(move |socket| crate::mqtt::serve_websocket(hub, socket))
+        .on_upgrade(move |socket| crate::mqtt::serve_websocket(hub, socket, cert))
         .into_response()
 }
 
@@ -113,7 +123,7 @@ async fn servicebus_websocket(State(hub): State<Hub>, upgrade: WebSocketUpgrade)
     upgrade
         .protocols([AMQP_WS_PROTOCOL])
         .max_message_size(crate::mqtt::MAX_PACKET_BYTES + 16)
-        .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket))
+        .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket, None))
         .into_response()
 }
 
@@ -168,7 +178,21 @@ pub async fn serve(
 ) {
     let app = router(hub);
     crate::tls::accept_loop(listener, acceptor, "https", shutdown, move |tls, peer| {
-        let service = TowerToHyperService::new(app.clone());
+        // The client certificate of this connection, for X.509 devices on MQTT or AMQP over
+        // WebSockets (each request of the connection carries it).
+        let cert = ClientCert(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(crate::tls::ClientCertInfo::from_chain),
+        );
+        let app = app.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(cert.clone());
+                request
+            },
+        );
+        let service = TowerToHyperService::new(app);
         async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder

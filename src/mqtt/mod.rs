@@ -37,9 +37,9 @@ pub async fn serve(
 }
 
 /// Serves MQTT over an upgraded WebSocket, with the same session code the TLS listener uses.
-pub async fn serve_websocket(hub: Hub, socket: WebSocket) {
+pub async fn serve_websocket(hub: Hub, socket: WebSocket, cert: Option<ClientCertInfo>) {
     crate::http::bridge_websocket(socket, move |stream| {
-        session::run(hub, stream, None, "websocket".to_owned())
+        session::run(hub, stream, cert, "websocket".to_owned())
     })
     .await;
 }

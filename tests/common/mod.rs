@@ -470,7 +470,12 @@ impl TestHub {
 
     /// A raw TLS connection to `addr` (the MQTT or the HTTPS port), trusting the hub's CA.
     pub async fn raw_tls(&self, addr: SocketAddr) -> RawMqtt {
-        let stream = self.tls_stream(addr).await;
+        self.raw_tls_with_cert(addr, None).await
+    }
+
+    /// Like [`raw_tls`](Self::raw_tls), presenting a client certificate (PEM chain, PEM key).
+    pub async fn raw_tls_with_cert(&self, addr: SocketAddr, cert: Option<(&str, &str)>) -> RawMqtt {
+        let stream = self.tls_stream_with_cert(addr, cert).await;
         RawMqtt {
             stream,
             buf: BytesMut::new(),
