@@ -135,6 +135,15 @@ for (const [transportName, Transport] of [['Mqtt', Mqtt], ['MqttWs', MqttWs]]) {
       assert.deepEqual(deletion, { telemetryInterval: null, mode: 'eco', $version: 3 });
       assert.equal('telemetryInterval' in twin.properties.desired, false);
       assert.equal(twin.properties.desired.mode, 'eco');
+
+      // `{"properties":{"desired":null}}` clears the whole section: the device is told each
+      // key that went, and a fresh GET has nothing but $version.
+      await identity.updateDesired(null, '*');
+      const cleared = await inbox.waitForVersion(4);
+      assert.deepEqual(cleared, { mode: null, $version: 4 });
+      assert.equal('mode' in twin.properties.desired, false);
+      const fresh = await hub.withTimeout(client.getTwin(), STEP_MS, 'getTwin after clearing');
+      assert.deepEqual(withoutMetadata(fresh.properties.desired), { $version: 4 });
     });
   }
 

@@ -199,3 +199,34 @@ test('bulk addDevices and registry statistics', async () => {
   assert.equal(after.totalDeviceCount, before.totalDeviceCount + 2);
   assert.equal(after.disabledDeviceCount, before.disabledDeviceCount + 2);
 });
+
+test('edge devices: scope, system modules, leaf and nested children, children query', async () => {
+  const edgeId = hub.uniqueId('nodeedge');
+  const { responseBody: edge } = await registry.create({ deviceId: edgeId, capabilities: { iotEdge: true } });
+  created.push(edgeId);
+  assert.equal(edge.deviceScope, `ms-azure-iot-edge://${edgeId}-${edge.generationId}`);
+  const { responseBody: modules } = await registry.getModulesOnDevice(edgeId);
+  assert.deepEqual(modules.map((m) => m.moduleId).sort(), ['$edgeAgent', '$edgeHub']);
+  for (const m of modules) assertGeneratedKey(m.authentication.symmetricKey.primaryKey);
+
+  const leafId = hub.uniqueId('nodeleaf');
+  const { responseBody: leaf } = await registry.create({ deviceId: leafId, deviceScope: edge.deviceScope });
+  created.push(leafId);
+  assert.equal(leaf.deviceScope, edge.deviceScope);
+  assert.deepEqual(leaf.parentScopes, [edge.deviceScope]);
+  // A scope no edge device has is refused, and the leaf keeps its parent.
+  await assertRejects(registry.update({ ...leaf, deviceScope: require('node:crypto').randomUUID() }), 'ArgumentError', 400);
+  assert.equal((await registry.get(leafId)).responseBody.deviceScope, edge.deviceScope);
+
+  const childEdgeId = hub.uniqueId('nodeedgechild');
+  const { responseBody: childEdge } = await registry.create({
+    deviceId: childEdgeId, capabilities: { iotEdge: true }, parentScopes: [edge.deviceScope],
+  });
+  created.push(childEdgeId);
+  assert.notEqual(childEdge.deviceScope, edge.deviceScope);
+  assert.deepEqual(childEdge.parentScopes, [edge.deviceScope]);
+
+  const query = registry.createQuery(`SELECT deviceId FROM devices WHERE array_contains(parentScopes, '${edge.deviceScope}')`);
+  const { result } = await query.next();
+  assert.deepEqual(result.map((d) => d.deviceId).sort(), [childEdgeId, leafId].sort());
+});
