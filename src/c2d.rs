@@ -257,7 +257,14 @@ pub const FEEDBACK_CAPACITY: usize = 1000;
 pub struct Feedback {
     records: std::sync::Mutex<std::collections::VecDeque<Value>>,
     arrived: tokio::sync::Notify,
+    /// Batches handed out over HTTPS (`GET /messages/serviceBound/feedback`) and not yet
+    /// completed or abandoned: lock token → (records, when the lock lapses).
+    locked: std::sync::Mutex<std::collections::HashMap<String, (Vec<Value>, std::time::Instant)>>,
 }
+
+/// How long a feedback batch received over HTTPS stays locked before it is offered again
+/// (IoT Hub's default lock timeout, 60 s).
+pub const FEEDBACK_LOCK: Duration = Duration::from_secs(60);
 
 impl Feedback {
     /// Records the outcome `status` (`Success`, `Rejected`, `DeliveryCountExceeded`) of
@@ -322,8 +329,90 @@ impl Feedback {
         self.arrived.notify_waiters();
     }
 
+    /// Takes up to `max` records under a new lock token (an HTTPS receive), or `None` when
+    /// there are none. Batches whose lock lapsed are offered again first.
+    pub fn lock_batch(&self, max: usize) -> Option<(String, Vec<Value>)> {
+        self.release_lapsed();
+        let batch: Vec<Value> = {
+            let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+            let n = records.len().min(max);
+            records.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return None;
+        }
+        let n = rand::random::<u128>();
+        let token = format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            n >> 96,
+            (n >> 80) & 0xffff,
+            (n >> 64) & 0xffff,
+            (n >> 48) & 0xffff,
+            n & 0xffff_ffff_ffff
+        );
+        self.locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                token.clone(),
+                (batch.clone(), std::time::Instant::now() + FEEDBACK_LOCK),
+            );
+        Some((token, batch))
+    }
+
+    /// Completes a batch received over HTTPS; `false` for an unknown or lapsed lock token.
+    pub fn complete(&self, token: &str) -> bool {
+        self.release_lapsed();
+        self.locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token)
+            .is_some()
+    }
+
+    /// Gives a batch received over HTTPS back; `false` for an unknown or lapsed lock token.
+    pub fn abandon(&self, token: &str) -> bool {
+        self.release_lapsed();
+        let batch = self
+            .locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token);
+        match batch {
+            Some((batch, _)) => {
+                self.give_back(batch);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Puts the batches whose lock lapsed back in the queue.
+    fn release_lapsed(&self) {
+        let now = std::time::Instant::now();
+        let lapsed: Vec<Vec<Value>> = {
+            let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+            let tokens: Vec<String> = locked
+                .iter()
+                .filter(|(_, (_, until))| *until <= now)
+                .map(|(t, _)| t.clone())
+                .collect();
+            tokens
+                .iter()
+                .filter_map(|t| locked.remove(t).map(|(batch, _)| batch))
+                .collect()
+        };
+        for batch in lapsed {
+            self.give_back(batch);
+        }
+    }
+
     pub fn clear(&self) {
         self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.locked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();

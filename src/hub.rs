@@ -72,6 +72,8 @@ pub enum Access {
     Service,
     /// The emulator's control API: telemetry, C2D injection, reset (ServiceConnect).
     Control,
+    /// Service-side messaging over HTTPS: the feedback queue (ServiceConnect).
+    Messaging,
 }
 
 impl Access {
@@ -83,7 +85,7 @@ impl Access {
             Self::TwinRead => &[ServiceConnect, RegistryRead, RegistryWrite],
             Self::TwinWrite => &[ServiceConnect, RegistryWrite],
             Self::Service => &[ServiceConnect, RegistryRead],
-            Self::Control => &[ServiceConnect],
+            Self::Control | Self::Messaging => &[ServiceConnect],
         }
     }
 }

@@ -417,6 +417,35 @@ async fn cloud_to_device_delivery_completion_and_queue_limit() {
     .await
     .expect("message never completed");
 
+    // The completion's feedback (`ack: full`) over HTTPS: received under a lock token,
+    // abandoned, received again, completed; then the queue is empty.
+    let feedback = "/messages/serviceBound/feedback";
+    let first = http.send("GET", feedback, None, &[]).await;
+    assert_eq!(first.status, 200);
+    let token = first.headers["etag"].to_str().unwrap().to_owned();
+    assert_eq!(first.body[0]["originalMessageId"], "m1");
+    assert_eq!(first.body[0]["statusCode"], "Success");
+    assert_eq!(first.body[0]["deviceId"], "c");
+    assert_eq!(
+        http.send("GET", feedback, None, &[]).await.status,
+        204,
+        "a locked batch is not handed out twice"
+    );
+    let abandon = format!("{feedback}/{}/abandon", token.trim_matches('"'));
+    assert_eq!(http.send("POST", &abandon, None, &[]).await.status, 204);
+    let again = http.send("GET", feedback, None, &[]).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body[0]["originalMessageId"], "m1");
+    let token = again.headers["etag"].to_str().unwrap().to_owned();
+    let complete = format!("{feedback}/{}", token.trim_matches('"'));
+    assert_eq!(http.send("DELETE", &complete, None, &[]).await.status, 204);
+    assert_eq!(http.send("GET", feedback, None, &[]).await.status, 204);
+    let stale = http.send("DELETE", &complete, None, &[]).await;
+    assert_eq!(
+        (stale.status, stale.error_code()),
+        (412, "PreconditionFailed")
+    );
+
     drop(device);
     for i in 0..50 {
         http.send(

@@ -353,6 +353,33 @@ def test_amqp_send_c2d_message_reaches_a_python_mqtt_device(hub, registry, new_d
             await step(client.shutdown(), timeout=20)
 
     run(scenario())
+    # `iothub-ack: full` left a Success record, which the HTTP runtime client reads under a
+    # lock token (ETag) and completes.
+    record = http_feedback_for(hub, message_id)
+    assert record["statusCode"] == "Success" and record["deviceId"] == device.device_id, record
+
+
+def http_feedback_for(hub, message_id: str, timeout: float = 15) -> dict:
+    """Receives feedback batches with IoTHubHttpRuntimeManager (HTTPS), completing each, until
+    one holds a record for `message_id`; returns that record."""
+    from azure.iot.hub import IoTHubHttpRuntimeManager
+
+    runtime = IoTHubHttpRuntimeManager.from_connection_string(hub.service_connection_string())
+    operations = runtime.protocol.cloud_to_device_messages
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        raw = operations.receive_feedback_notification(raw=True)
+        if raw.response.status_code == 204:
+            time.sleep(0.2)
+            continue
+        batch = raw.response.json()
+        seen.extend(batch)
+        runtime.complete_feedback_notification(raw.response.headers["ETag"].strip('"'))
+        for record in batch:
+            if record["originalMessageId"] == message_id:
+                return record
+    raise AssertionError(f"no feedback for {message_id}; saw {seen}")
 
 
 @pytest.mark.timeout(90)

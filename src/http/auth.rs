@@ -12,6 +12,8 @@ fn required_access(method: &Method, path: &str) -> Access {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
     match (first, method) {
         ("_emulator", _) => Access::Control,
+        // The feedback queue is a messaging operation (ServiceConnect).
+        ("messages", _) => Access::Messaging,
         ("twins", &Method::GET) => Access::TwinRead,
         ("twins", &Method::POST) => Access::Service,
         ("twins", _) => Access::TwinWrite,

@@ -11,6 +11,7 @@ mod auth;
 pub mod body;
 mod control;
 pub mod error;
+mod messages;
 mod query;
 mod registry;
 mod twins;
@@ -35,6 +36,7 @@ pub fn router(hub: Hub) -> Router {
         .merge(twins::routes())
         .merge(query::routes())
         .merge(control::routes())
+        .merge(messages::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             hub.clone(),
             auth::require_sas,
