@@ -194,7 +194,9 @@ fn parse_selector(selector: &str, last: u64) -> Option<Start> {
             after: position(value.parse().ok()?),
             after_time: None,
         }),
-        "x-opt-enqueued-time" => {
+        // `x-opt-enqueuedtimeutc`: the older name, which uamqp (`az iot hub monitor-events`)
+        // still writes, unquoted.
+        "x-opt-enqueued-time" | "x-opt-enqueuedtimeutc" => {
             let ms: i64 = value.parse().ok()?;
             Some(Start {
                 after: 0,
@@ -425,6 +427,13 @@ mod tests {
             Some(Start {
                 after: 0,
                 after_time: Some(1_700_000_000_000)
+            })
+        );
+        assert_eq!(
+            p("amqp.annotation.x-opt-enqueuedtimeutc > 1796612973836"),
+            Some(Start {
+                after: 0,
+                after_time: Some(1_796_612_973_836)
             })
         );
         assert_eq!(p("amqp.annotation.x-opt-partition-key > 'a'"), None);

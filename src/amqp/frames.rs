@@ -11,6 +11,11 @@
 //! 2. **Session frames on a channel after the peer ended it are dropped.** pyamqp still sends `Detach`
 //!    on a session's channel after its `End`; the engine would treat that as a protocol error
 //!    and close the whole connection.
+//! 3. **String keys in a performative's `properties` become symbols.** The spec types them as
+//!    `fields` (symbol keys), and `fe2o3-amqp` refuses the whole Open otherwise; uamqp (the
+//!    `az iot` CLI's `monitor-events`) sends its Open properties (product, version, platform)
+//!    with string keys, which IoT Hub accepts. A `str8`/`str32` key is rewritten in place as
+//!    the `sym8`/`sym32` of the same bytes (same length, so nothing else moves).
 //!
 //! Only framing is parsed here (frame header, descriptor, list size and element boundaries);
 //! the values themselves are left to the engine. Anything that does not parse as expected
@@ -187,6 +192,78 @@ fn fields_of(frame_type: u8, code: u64) -> Option<&'static [&'static [u8]]> {
     })
 }
 
+/// Index of the `properties` field (a `fields` map) in the performatives that have one:
+/// open, begin, attach, flow.
+fn properties_index(frame_type: u8, code: u64) -> Option<usize> {
+    match (frame_type, code) {
+        (0, 0x10) => Some(9),
+        (0, 0x11) => Some(7),
+        (0, 0x12) => Some(13),
+        (0, 0x13) => Some(10),
+        _ => None,
+    }
+}
+
+/// Trap 3: rewrites string keys of the incoming performative's `properties` map as symbols,
+/// in place. Leaves the frame alone when it has no such map or does not parse.
+fn symbolize_property_keys(frame: &mut [u8]) {
+    let (kind, _, code) = frame_info(frame);
+    let Some((code, list_at)) = code else {
+        return;
+    };
+    let Some(index) = properties_index(kind, code) else {
+        return;
+    };
+    let Some(map_at) = element_at(frame, list_at, index) else {
+        return;
+    };
+    let Some((count, header)) = compound_header(frame.get(map_at..).unwrap_or_default(), 0xc1)
+    else {
+        return;
+    };
+    let mut at = map_at + header;
+    for i in 0..count {
+        let Some(len) = frame.get(at..).and_then(value_len) else {
+            return;
+        };
+        if i % 2 == 0 {
+            match frame[at] {
+                0xa1 => frame[at] = 0xa3,
+                0xb1 => frame[at] = 0xb3,
+                _ => {}
+            }
+        }
+        at += len;
+    }
+}
+
+/// `(element count, header length)` of a list (`list_code` 0xc0) or map (0xc1) encoding at
+/// the start of `buf`, in its 8-bit or 32-bit form.
+fn compound_header(buf: &[u8], list_code: u8) -> Option<(usize, usize)> {
+    let code = *buf.first()?;
+    if code == list_code {
+        Some((*buf.get(2)? as usize, 3))
+    } else if code == list_code + 0x10 {
+        let count = u32::from_be_bytes(buf.get(5..9)?.try_into().ok()?) as usize;
+        Some((count, 9))
+    } else {
+        None
+    }
+}
+
+/// Where element `index` of the performative list at `list_at` starts, if the list has it.
+fn element_at(frame: &[u8], list_at: usize, index: usize) -> Option<usize> {
+    let (count, header) = compound_header(frame.get(list_at..)?, 0xc0)?;
+    if index >= count {
+        return None;
+    }
+    let mut at = list_at + header;
+    for _ in 0..index {
+        at += value_len(frame.get(at..)?)?;
+    }
+    Some(at)
+}
+
 /// Re-encodes one outgoing frame with a full-length performative list. `None` when the frame
 /// is not a performative this shim knows, or does not parse (it is then sent unchanged).
 fn complete_frame(frame: &[u8]) -> Option<Vec<u8>> {
@@ -262,7 +339,8 @@ impl<S> FullFrames<S> {
                     self.read_ready.unsplit(header);
                 }
                 Some(Unit::Frame(n)) => {
-                    let frame = self.read_raw.split_to(n);
+                    let mut frame = self.read_raw.split_to(n);
+                    symbolize_property_keys(&mut frame);
                     let (kind, channel, code) = frame_info(&frame);
                     let code = code.map(|(c, _)| c);
                     if kind == 0 {
@@ -459,6 +537,42 @@ mod tests {
         let elements = &full[8 + 3 + 9..];
         assert_eq!(&elements[6..11], &[0x70, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(&elements[11..], &[0x40, 0x40, 0xc1, 0x01, 0x00]);
+    }
+
+    #[test]
+    fn string_keys_of_open_properties_become_symbols() {
+        // open(container-id "c", 8 nulls, properties {"product": "x", sym "k": "v"}), as
+        // uamqp writes it.
+        let mut list = vec![0xa1, 1, b'c'];
+        list.extend([0x40; 8]);
+        let mut map = vec![0xa1, 7];
+        map.extend_from_slice(b"product");
+        map.extend([0xa1, 1, b'x', 0xa3, 1, b'k', 0xa1, 1, b'v']);
+        list.extend([0xc1, map.len() as u8 + 1, 4]);
+        list.extend(&map);
+        let mut body = vec![0x00, 0x53, 0x10, 0xc0, list.len() as u8 + 1, 10];
+        body.extend(&list);
+        let mut f = frame(0, 0, &body);
+        let before = f.clone();
+        symbolize_property_keys(&mut f);
+        assert_eq!(f.len(), before.len());
+        let map_at = f.len() - map.len();
+        assert_eq!(f[map_at], 0xa3, "the string key is now a symbol");
+        assert_eq!(&f[map_at + 2..map_at + 9], b"product");
+        assert_eq!(f[map_at + 9], 0xa1, "values stay strings");
+        assert_eq!(f[map_at + 12], 0xa3, "symbol keys stay symbols");
+        let mut differing: Vec<usize> = (0..f.len()).filter(|&i| f[i] != before[i]).collect();
+        differing.dedup();
+        assert_eq!(differing, vec![map_at]);
+        // A begin without properties, and garbage, are left alone.
+        let mut begin = frame(0, 0, &[0x00, 0x53, 0x11, 0x45]);
+        let copy = begin.clone();
+        symbolize_property_keys(&mut begin);
+        assert_eq!(begin, copy);
+        let mut junk = frame(0, 0, &[0x00, 0x53, 0x10, 0xc0, 0xff, 0xff]);
+        let copy = junk.clone();
+        symbolize_property_keys(&mut junk);
+        assert_eq!(junk, copy);
     }
 
     #[test]
