@@ -475,13 +475,8 @@ async fn messages_events_redirects_to_the_event_hub_compatible_endpoint() {
 /// certificate cannot attach the device's.
 #[tokio::test]
 async fn a_client_certificate_authenticates_amqp_links_without_a_token() {
-    use sha1::Digest;
     let t = common::start().await;
-    let certified = rcgen::generate_simple_self_signed(vec!["amqp-x509".to_owned()]).unwrap();
-    let thumbprint: String = sha1::Sha1::digest(certified.cert.der())
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
+    let (cert, key, thumbprint) = common::self_signed("amqp-x509");
     t.http()
         .send(
             "PUT",
@@ -492,7 +487,6 @@ async fn a_client_certificate_authenticates_amqp_links_without_a_token() {
         .await
         .expect_status(200);
     t.device("amqp-sas").await;
-    let (cert, key) = (certified.cert.pem(), certified.key_pair.serialize_pem());
 
     let mut client = open_with_cert(&t, None, Some((&cert, &key))).await.unwrap();
     assert!(client

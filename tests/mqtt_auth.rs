@@ -3,27 +3,13 @@
 
 mod common;
 
-use common::{client_id, mqtt_username, start, HOST};
+use common::{client_id, mqtt_username, self_signed, start, HOST};
 use iothub_emulator::auth::sas::make_token;
 use iothub_emulator::auth::SymmetricKey;
 use rumqttc::mqttbytes::v4 as mqtt;
 use serde_json::json;
 use sha1::Digest;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// A self-signed client certificate: (certificate PEM, key PEM, SHA-1 thumbprint in hex).
-fn self_signed(cn: &str) -> (String, String, String) {
-    let certified = rcgen::generate_simple_self_signed(vec![cn.to_owned()]).unwrap();
-    let thumbprint: String = sha1::Sha1::digest(certified.cert.der())
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
-    (
-        certified.cert.pem(),
-        certified.key_pair.serialize_pem(),
-        thumbprint,
-    )
-}
 
 /// DER: tag, length, content.
 fn der(tag: u8, content: &[u8]) -> Vec<u8> {

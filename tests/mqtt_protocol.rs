@@ -551,13 +551,8 @@ async fn mqtt_over_websockets_connects_and_answers_a_twin_get() {
 /// without a certificate is refused with CONNACK 5.
 #[tokio::test]
 async fn a_client_certificate_authenticates_mqtt_over_websockets() {
-    use sha1::Digest;
     let hub = common::start().await;
-    let certified = rcgen::generate_simple_self_signed(vec!["wsx509".to_owned()]).unwrap();
-    let thumbprint: String = sha1::Sha1::digest(certified.cert.der())
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
+    let (cert, key, thumbprint) = common::self_signed("wsx509");
     hub.http()
         .send(
             "PUT",
@@ -567,7 +562,6 @@ async fn a_client_certificate_authenticates_mqtt_over_websockets() {
         )
         .await
         .expect_status(200);
-    let (cert, key) = (certified.cert.pem(), certified.key_pair.serialize_pem());
     for (client_cert, want) in [
         (
             Some((cert.as_str(), key.as_str())),

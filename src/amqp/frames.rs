@@ -561,8 +561,7 @@ mod tests {
         assert_eq!(&f[map_at + 2..map_at + 9], b"product");
         assert_eq!(f[map_at + 9], 0xa1, "values stay strings");
         assert_eq!(f[map_at + 12], 0xa3, "symbol keys stay symbols");
-        let mut differing: Vec<usize> = (0..f.len()).filter(|&i| f[i] != before[i]).collect();
-        differing.dedup();
+        let differing: Vec<usize> = (0..f.len()).filter(|&i| f[i] != before[i]).collect();
         assert_eq!(differing, vec![map_at]);
         // A begin without properties, and garbage, are left alone.
         let mut begin = frame(0, 0, &[0x00, 0x53, 0x11, 0x45]);

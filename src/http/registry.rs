@@ -161,6 +161,16 @@ struct BulkItem {
     body: Map<String, Value>,
 }
 
+/// 400 unless a bulk request names 1 to [`MAX_BULK`] items.
+fn check_bulk_size(len: usize, request: &str, items: &str) -> Result<(), HubError> {
+    if len == 0 || len > MAX_BULK {
+        return Err(HubError::invalid(format!(
+            "{request} 1 to {MAX_BULK} {items}, not {len}"
+        )));
+    }
+    Ok(())
+}
+
 /// `POST /devices`: up to 100 create/update/delete operations. The request as a whole is
 /// validated first (a malformed one changes nothing); then each operation is applied on its
 /// own and failures are reported per item, with 400 if any failed.
@@ -168,13 +178,7 @@ async fn bulk(State(hub): State<Hub>, body: JsonBody) -> HttpResult<Response> {
     let Value::Array(items) = body.0 else {
         return Err(HubError::invalid("The request body must be a JSON array of devices").into());
     };
-    if items.is_empty() || items.len() > MAX_BULK {
-        return Err(HubError::invalid(format!(
-            "A bulk request must hold 1 to {MAX_BULK} devices, not {}",
-            items.len()
-        ))
-        .into());
-    }
+    check_bulk_size(items.len(), "A bulk request must hold", "devices")?;
     let parsed = items
         .into_iter()
         .enumerate()
@@ -344,13 +348,11 @@ async fn regenerate_keys(State(hub): State<Hub>, body: JsonBody) -> HttpResult<R
     let Some(Value::Array(items)) = body.get("devices") else {
         return Err(HubError::invalid("'devices' must be a JSON array of {id, moduleId}").into());
     };
-    if items.is_empty() || items.len() > MAX_BULK {
-        return Err(HubError::invalid(format!(
-            "A key regeneration request must name 1 to {MAX_BULK} identities, not {}",
-            items.len()
-        ))
-        .into());
-    }
+    check_bulk_size(
+        items.len(),
+        "A key regeneration request must name",
+        "identities",
+    )?;
     let keys = items
         .iter()
         .enumerate()

@@ -686,3 +686,19 @@ impl RawMqtt {
         started.elapsed()
     }
 }
+
+/// A self-signed client certificate: (certificate PEM, key PEM, SHA-1 thumbprint in hex).
+#[allow(dead_code)] // not every test binary presents certificates
+pub fn self_signed(cn: &str) -> (String, String, String) {
+    use sha1::Digest;
+    let certified = rcgen::generate_simple_self_signed(vec![cn.to_owned()]).unwrap();
+    let thumbprint: String = sha1::Sha1::digest(certified.cert.der())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    (
+        certified.cert.pem(),
+        certified.key_pair.serialize_pem(),
+        thumbprint,
+    )
+}
