@@ -80,6 +80,9 @@ struct Connection {
     events: mpsc::Sender<Outbound>,
     /// Fired to make the connection close itself (taken over, or too slow).
     close: Arc<Notify>,
+    /// Set once the queue has overflowed: the connection is closing, and later drops until it
+    /// is gone are not logged again.
+    overflowed: std::sync::atomic::AtomicBool,
 }
 
 /// What a connection task holds: its events, its close signal and its registration id.
@@ -115,6 +118,7 @@ impl Connections {
                 id,
                 events: tx,
                 close: Arc::clone(&close),
+                overflowed: Default::default(),
             },
         );
         if let Some(old) = previous {
@@ -142,7 +146,9 @@ impl Connections {
         match conn.events.try_send(event) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(identity = %key, "outbound queue full; closing the connection");
+                if !conn.overflowed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(identity = %key, "outbound queue full; closing the connection");
+                }
                 conn.close.notify_one();
                 false
             }

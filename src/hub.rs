@@ -460,6 +460,14 @@ impl Hub {
             .ok_or_else(|| sas_error(SasError::UnknownPolicy(name.to_owned())))
     }
 
+    /// Whether `host` is one of the names the hub answers to (case-insensitive).
+    pub fn answers_to(&self, host: &str) -> bool {
+        self.inner
+            .host_names
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+    }
+
     /// Signature, then expiry, then host. The signature comes first so that an unsigned token
     /// learns nothing about which hosts or times would be accepted.
     fn check_token(&self, token: &SasToken, keys: &[&crate::auth::SymmetricKey]) -> HubResult<()> {

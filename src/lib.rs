@@ -48,6 +48,7 @@ pub mod store;
 pub mod telemetry;
 pub mod timestamp;
 pub mod tls;
+pub mod transport;
 pub mod twin;
 
 pub use hub::Hub;
@@ -56,12 +57,14 @@ use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-/// Bound listeners for one hub.
+/// Bound listeners for one hub, and how much each may take.
 pub struct Listeners {
     pub https: TcpListener,
     pub mqtt: TcpListener,
     /// AMQP over TLS (5671); `None` serves AMQP over WebSockets only.
     pub amqp: Option<TcpListener>,
+    pub limits: transport::ConnectionLimits,
+    pub http_timeouts: http::Timeouts,
 }
 
 /// Runs a hub on bound listeners until `shutdown` resolves. Tests bind port 0 and pass the
@@ -77,16 +80,28 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     let acceptor = TlsAcceptor::from(tls);
+    let limits = listeners.limits;
+    let options = |name, max_connections| transport::ListenerOptions {
+        name,
+        max_connections,
+    };
+    let websockets = http::WebSocketServices {
+        mqtt: mqtt::websocket_service(hub.clone()),
+        amqp: amqp::websocket_service(hub.clone()),
+    };
     let https = tokio::spawn(http::serve(
         listeners.https,
         acceptor.clone(),
         hub.clone(),
+        websockets,
+        (options("https", limits.https), listeners.http_timeouts),
         stopped(stop_rx.clone()),
     ));
     let mqtt = tokio::spawn(mqtt::serve(
         listeners.mqtt,
         acceptor.clone(),
         hub.clone(),
+        options("mqtt", limits.mqtt),
         stopped(stop_rx.clone()),
     ));
     let amqp = listeners.amqp.map(|listener| {
@@ -94,6 +109,7 @@ pub async fn run(
             listener,
             acceptor,
             hub.clone(),
+            options("amqp", limits.amqp),
             stopped(stop_rx),
         ))
     });

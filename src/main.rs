@@ -54,6 +54,11 @@ struct Cli {
     /// Print the commented example config file and exit.
     #[arg(long)]
     print_config: bool,
+    /// Most connections each listener (HTTPS, MQTT, AMQP) holds open at once. Default: what the
+    /// process's open-file limit allows (HTTPS gets an eighth, at most 1024; MQTT and AMQP split
+    /// the rest).
+    #[arg(long)]
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -147,6 +152,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     hub.seed()
         .map_err(|e| anyhow::anyhow!("config file: {e}"))?;
 
+    let limits = match cli.max_connections {
+        Some(n) => iothub_emulator::transport::ConnectionLimits::each(n),
+        None => iothub_emulator::transport::ConnectionLimits::for_this_process(),
+    };
+    iothub_emulator::transport::log_panics();
+
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let https = bind(config.bind, config.https_port, "--https-port").await?;
@@ -166,6 +177,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 https,
                 mqtt,
                 amqp: Some(amqp),
+                limits,
+                http_timeouts: Default::default(),
             },
             tls.server_config,
             shutdown_signal(),

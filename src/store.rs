@@ -52,6 +52,15 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|e| err(&format!("cannot create {}", dir.display()), e))?;
         let path = dir.join(DB_FILE);
+        // redb would quietly make a new database in an empty file, and a hub whose data was
+        // lost would start as a new, empty one. An empty store file is never what a previous
+        // run left (redb writes its header on creation), so say so and stop.
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError(format!(
+                "{} is empty (0 bytes), so whatever it held is lost; this is not a store any run of the emulator leaves behind. Remove the file to start an empty hub, or use another --data-dir.",
+                path.display()
+            )));
+        }
         let db = Database::create(&path)
             .map_err(|e| err(&format!("cannot open {}", path.display()), e))?;
         let store = Self { db };
@@ -157,5 +166,24 @@ mod tests {
         drop(store);
         let refused = Store::open(dir.path()).unwrap_err();
         assert!(refused.to_string().contains("other/9"), "{refused}");
+    }
+
+    #[test]
+    fn an_empty_store_file_is_refused_not_taken_for_a_new_hub() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DB_FILE), b"").unwrap();
+        let refused = Store::open(dir.path()).unwrap_err();
+        assert!(
+            refused.to_string().contains("is empty (0 bytes)"),
+            "{refused}"
+        );
+        // Nothing was written over it.
+        assert_eq!(
+            std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len(),
+            0
+        );
+        // A directory without the file still starts a new store.
+        let fresh = tempfile::tempdir().unwrap();
+        Store::open(fresh.path()).unwrap();
     }
 }

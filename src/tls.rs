@@ -286,54 +286,6 @@ fn spki_of(cert: &CertificateDer<'_>) -> Result<SubjectPublicKeyInfoDer<'static>
     ))
 }
 
-/// How long a client may take to finish the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Accepts connections on `listener` until `shutdown` resolves. Each connection gets its own
-/// task, which sets TCP_NODELAY, runs the TLS handshake under [`HANDSHAKE_TIMEOUT`] and then
-/// calls `handle`; a slow or silent client never holds up the accept loop. `what` names the
-/// listener in logs.
-pub async fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    what: &'static str,
-    shutdown: impl std::future::Future<Output = ()>,
-    handle: F,
-) where
-    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::net::SocketAddr) -> Fut
-        + Clone
-        + Send
-        + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, usually: back off instead of spinning.
-                    tracing::warn!(listener = what, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let (acceptor, handle) = (acceptor.clone(), handle.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => handle(tls, peer).await,
-                Ok(Err(e)) => {
-                    tracing::debug!(listener = what, %peer, error = %e, "TLS handshake failed")
-                }
-                Err(_) => tracing::debug!(listener = what, %peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
 /// Facts about a client certificate that X.509 authentication needs.
 #[derive(Debug, Clone)]
 pub struct ClientCertInfo {

@@ -45,6 +45,70 @@ const NEW_TWIN_VERSION: u64 = 2;
 /// Largest magnitude of an integer value (IoT Hub stores numbers as doubles).
 pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
 
+/// Why a JSON document was refused before any of it was looked at.
+#[derive(Debug)]
+pub enum JsonError {
+    Syntax(serde_json::Error),
+    /// An integer literal too large for 64 bits, which the parser would silently turn into a
+    /// float (and so let it past the range check that catches 2^52).
+    HugeInteger(String),
+}
+
+impl std::fmt::Display for JsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Syntax(e) => write!(f, "is not valid JSON: {e}"),
+            Self::HugeInteger(n) => write!(
+                f,
+                "holds the integer {n}, outside the supported range {} to {MAX_SAFE_INT}",
+                -MAX_SAFE_INT - 1
+            ),
+        }
+    }
+}
+
+/// Parses a JSON document that may become (part of) a twin: syntax first, then every integer
+/// literal must fit 64 bits, so that `123456789012345678901234567890` is refused like 2^52 is
+/// instead of being stored as a float.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, JsonError> {
+    let value = serde_json::from_slice(bytes).map_err(JsonError::Syntax)?;
+    match huge_integer(bytes) {
+        Some(n) => Err(JsonError::HugeInteger(n)),
+        None => Ok(value),
+    }
+}
+
+/// The first integer literal of a (valid) JSON text that fits neither i64 nor u64.
+fn huge_integer(text: &[u8]) -> Option<String> {
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                i += 1;
+                while i < text.len() && text[i] != b'"' {
+                    i += if text[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < text.len()
+                    && matches!(text[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let token = std::str::from_utf8(&text[start..i]).unwrap_or_default();
+                let integer = !token.contains(['.', 'e', 'E']);
+                if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
+                    return Some(token.to_owned());
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// `$metadata` of one object or leaf.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Meta {
@@ -980,5 +1044,27 @@ mod tests {
             twin.to_device_json(),
             json!({"desired":{"$version":1},"reported":{"fw":"1.0","$version":2}})
         );
+    }
+
+    #[test]
+    fn integer_literals_beyond_64_bits_are_refused_not_made_floats() {
+        let huge = br#"{"a":{"b":123456789012345678901234567890}}"#;
+        assert!(
+            matches!(parse_json(huge), Err(JsonError::HugeInteger(n)) if n == "123456789012345678901234567890")
+        );
+        let negative = br#"{"a":[1,-123456789012345678901234567890]}"#;
+        assert!(matches!(
+            parse_json(negative),
+            Err(JsonError::HugeInteger(_))
+        ));
+        // Inside strings, or written as floats, they are fine; so is every 64-bit integer.
+        for ok in [
+            &br#"{"s":"123456789012345678901234567890","t":"\"9999999999999999999999\""}"#[..],
+            br#"{"f":1.5e300,"g":12345678901234567890123.0}"#,
+            br#"{"i":-9223372036854775808,"u":18446744073709551615}"#,
+        ] {
+            parse_json(ok).unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(ok)));
+        }
+        assert!(matches!(parse_json(b"{"), Err(JsonError::Syntax(_))));
     }
 }

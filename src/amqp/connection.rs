@@ -154,9 +154,10 @@ impl Conn {
             return Arc::clone(p);
         }
         let (presence, registration) = Presence::register(&self.hub, key);
+        crate::transport::record_identity(key);
         devices.insert(key.clone(), Arc::clone(&presence));
         drop(devices);
-        tokio::spawn(device::deliver_events(
+        crate::transport::spawn(device::deliver_events(
             Arc::clone(self),
             Arc::clone(&presence),
             registration,
@@ -313,7 +314,7 @@ async fn serve_sessions(
         tokio::select! {
             session = session_acceptor.accept(connection) => match session {
                 Ok(session) => {
-                    tokio::spawn(serve_links(Arc::clone(conn), session));
+                    crate::transport::spawn(serve_links(Arc::clone(conn), session));
                 }
                 Err(e) => {
                     tracing::debug!(peer = %conn.peer, error = %e, "amqp connection ended");
@@ -337,17 +338,39 @@ async fn serve_links(conn: Arc<Conn>, mut session: ListenerSessionHandle) {
         .fallback_receiver_settle_mode(ReceiverSettleMode::First)
         .max_message_size(u64::from(MAX_FRAME_SIZE) * 4)
         .build();
-    while let Some(attach) = session.next_incoming_attach().await {
+    while let Some(mut attach) = session.next_incoming_attach().await {
         let address = node_address(&attach);
         let role = attach.role.clone();
         let node = address.as_deref().and_then(address::parse);
+        // An attach without a source or target is answered like any refused link, attached
+        // and at once detached with the reason; the engine would instead wait for the client's
+        // detach, holding up every later attach of the session.
+        let missing = missing_terminus(&mut attach);
         let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(link) => link,
             Err(e) => {
                 tracing::info!(peer = %conn.peer, error = %e, "amqp link refused");
+                if is_duplicate_name(&e) {
+                    // The engine keeps one link per name in a session, whatever the role, and
+                    // has no way to answer the attach itself: end the session with the reason,
+                    // so the client hears why instead of waiting for an attach that never comes.
+                    let reason = error(
+                        "amqp:invalid-field",
+                        "A link of this name is already attached in this session; link names must be unique within a session",
+                    );
+                    let _ = session.end_with_error(reason).await;
+                    return;
+                }
                 continue;
             }
         };
+        if let Some(which) = missing {
+            refuse(
+                link,
+                error("amqp:invalid-field", format!("The attach has no {which}")),
+            );
+            continue;
+        }
         let Some(node) = node else {
             tracing::info!(peer = %conn.peer, ?address, "amqp link to an unknown address");
             refuse(
@@ -363,6 +386,31 @@ async fn serve_links(conn: Arc<Conn>, mut session: ListenerSessionHandle) {
         route(&conn, node, link);
     }
     let _ = session.on_end().await;
+}
+
+/// Gives an attach without a source or target an empty one, so the engine can attach it, and
+/// says which was missing.
+fn missing_terminus(attach: &mut Attach) -> Option<&'static str> {
+    let missing = match (&attach.source, &attach.target) {
+        (None, _) => "source",
+        (_, None) => "target",
+        _ => return None,
+    };
+    attach.source.get_or_insert_with(Box::default);
+    attach
+        .target
+        .get_or_insert_with(|| Box::new(TargetArchetype::Target(Default::default())));
+    Some(missing)
+}
+
+fn is_duplicate_name(e: &fe2o3_amqp::acceptor::error::AcceptorAttachError) -> bool {
+    use fe2o3_amqp::acceptor::error::AcceptorAttachError as E;
+    use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError};
+    matches!(
+        e,
+        E::LocalSender(SenderAttachError::DuplicatedLinkName)
+            | E::LocalReceiver(ReceiverAttachError::DuplicatedLinkName)
+    )
 }
 
 /// The address a link attaches to: the target when the client sends, the source when it
@@ -383,22 +431,22 @@ fn route(conn: &Arc<Conn>, node: address::Node, link: LinkEndpoint) {
     let conn = Arc::clone(conn);
     match (node, link) {
         (Node::Cbs, LinkEndpoint::Receiver(r)) => {
-            tokio::spawn(service::cbs_requests(conn, r));
+            crate::transport::spawn(service::cbs_requests(conn, r));
         }
         (Node::Cbs, LinkEndpoint::Sender(s)) => {
-            tokio::spawn(async move { conn.cbs_replies.serve(s).await });
+            crate::transport::spawn(async move { conn.cbs_replies.serve(s).await });
         }
         (Node::Management, LinkEndpoint::Receiver(r)) => {
-            tokio::spawn(eventhub::management_requests(conn, r));
+            crate::transport::spawn(eventhub::management_requests(conn, r));
         }
         (Node::Management, LinkEndpoint::Sender(s)) => {
-            tokio::spawn(async move { conn.management_replies.serve(s).await });
+            crate::transport::spawn(async move { conn.management_replies.serve(s).await });
         }
         (Node::ServiceBound, LinkEndpoint::Receiver(r)) => {
-            tokio::spawn(service::cloud_to_device_send(conn, r));
+            crate::transport::spawn(service::cloud_to_device_send(conn, r));
         }
         (Node::Feedback, LinkEndpoint::Sender(s)) => {
-            tokio::spawn(service::feedback(conn, s));
+            crate::transport::spawn(service::feedback(conn, s));
         }
         (
             Node::Partition {
@@ -408,7 +456,7 @@ fn route(conn: &Arc<Conn>, node: address::Node, link: LinkEndpoint) {
             },
             LinkEndpoint::Sender(s),
         ) => {
-            tokio::spawn(eventhub::partition(conn, s, entity, group, partition));
+            crate::transport::spawn(eventhub::partition(conn, s, entity, group, partition));
         }
         (Node::EventsRedirect(rest), link) => {
             let error = if conn.authorized(|g| g.allows_event_hub(conn.hub.event_hub_name())) {
@@ -453,7 +501,7 @@ fn redirect(hub: &Hub, rest: &str) -> definitions::Error {
 
 /// Detaches a just-attached link with `error` (IoT Hub's way of refusing a link).
 pub fn refuse(link: LinkEndpoint, error: definitions::Error) {
-    tokio::spawn(async move {
+    crate::transport::spawn(async move {
         let _ = match link {
             LinkEndpoint::Sender(s) => s.close_with_error(error).await.map_err(drop),
             LinkEndpoint::Receiver(r) => r.close_with_error(error).await.map_err(drop),

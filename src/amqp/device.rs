@@ -173,26 +173,26 @@ pub fn route(conn: Arc<Conn>, node: Node, link: LinkEndpoint) {
     let presence = conn.presence(&key);
     match (node, link) {
         (Node::Events(_), LinkEndpoint::Receiver(r)) => {
-            tokio::spawn(telemetry(conn, presence, r));
+            crate::transport::spawn(telemetry(conn, presence, r));
         }
         (Node::Events(_), LinkEndpoint::Sender(s)) => {
             // A module's input messages: the link stays open; routing to inputs is not built.
-            tokio::spawn(hold(s));
+            crate::transport::spawn(hold(s));
         }
         (Node::DeviceBound(_), LinkEndpoint::Sender(s)) => {
-            tokio::spawn(cloud_to_device(conn, presence, s));
+            crate::transport::spawn(cloud_to_device(conn, presence, s));
         }
         (Node::Twin(_), LinkEndpoint::Receiver(r)) => {
-            tokio::spawn(twin_requests(conn, presence, r));
+            crate::transport::spawn(twin_requests(conn, presence, r));
         }
         (Node::Twin(_), LinkEndpoint::Sender(s)) => {
-            tokio::spawn(outgoing(conn, presence, s, Feature::TwinResponses));
+            crate::transport::spawn(outgoing(conn, presence, s, Feature::TwinResponses));
         }
         (Node::Methods(_), LinkEndpoint::Sender(s)) => {
-            tokio::spawn(outgoing(conn, presence, s, Feature::Methods));
+            crate::transport::spawn(outgoing(conn, presence, s, Feature::Methods));
         }
         (Node::Methods(_), LinkEndpoint::Receiver(r)) => {
-            tokio::spawn(method_responses(conn, presence, r));
+            crate::transport::spawn(method_responses(conn, presence, r));
         }
         (node, link) => refuse(
             link,
@@ -347,7 +347,7 @@ async fn twin_requests(conn: Arc<Conn>, presence: Arc<Presence>, mut receiver: R
                     .device_twin(&presence.key)
                     .map(|twin| (200, Some(twin), None)),
                 (Some("PATCH"), Some("/properties/reported")) => {
-                    match serde_json::from_slice::<Json>(&body_bytes(&message.body)) {
+                    match crate::twin::parse_json(&body_bytes(&message.body)) {
                         Ok(Json::Object(patch)) => hub
                             .registry()
                             .patch_reported(&presence.key, &patch)
@@ -356,7 +356,7 @@ async fn twin_requests(conn: Arc<Conn>, presence: Arc<Presence>, mut receiver: R
                             "The reported-properties patch must be a JSON object",
                         )),
                         Err(e) => Err(HubError::invalid(format!(
-                            "The reported-properties patch is not valid JSON: {e}"
+                            "The reported-properties patch {e}"
                         ))),
                     }
                 }

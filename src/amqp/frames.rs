@@ -49,6 +49,8 @@ pub struct FullFrames<S> {
     /// Once something unparseable passed, the rest of that direction passes through.
     read_passthrough: bool,
     write_passthrough: bool,
+    /// A malformed frame arrived: once `read_ready` is drained, reads fail.
+    read_malformed: bool,
 }
 
 impl<S> FullFrames<S> {
@@ -71,6 +73,7 @@ impl<S> FullFrames<S> {
             write_ready: BytesMut::new(),
             read_passthrough: false,
             write_passthrough: false,
+            read_malformed: false,
         }
     }
 }
@@ -79,8 +82,11 @@ impl<S> FullFrames<S> {
 enum Unit {
     Header(usize),
     Frame(usize),
-    /// Not parseable: pass everything through from here on.
+    /// Too large to inspect: pass everything through from here on.
     Opaque,
+    /// A frame header no valid frame has (size below 8, data offset below 8 or past the end).
+    /// The engine's decoder panics on some of these, so it never sees them.
+    Malformed,
 }
 
 fn next_unit(buf: &[u8]) -> Option<Unit> {
@@ -93,7 +99,10 @@ fn next_unit(buf: &[u8]) -> Option<Unit> {
     }
     let size = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     let doff = buf[4] as usize * 4;
-    if size < 8 || doff < 8 || doff > size || size > MAX_INSPECTED_FRAME {
+    if size < 8 || doff < 8 || doff > size {
+        return Some(Unit::Malformed);
+    }
+    if size > MAX_INSPECTED_FRAME {
         return Some(Unit::Opaque);
     }
     (buf.len() >= size).then_some(Unit::Frame(size))
@@ -334,6 +343,13 @@ impl<S> FullFrames<S> {
             match next_unit(&self.read_raw) {
                 None => return,
                 Some(Unit::Opaque) => self.read_passthrough = true,
+                Some(Unit::Malformed) => {
+                    // AMQP 1.0 §2.3.1: a malformed frame is a fatal framing error. Whatever
+                    // came before it is still delivered; then reads fail and the connection ends.
+                    self.read_raw.clear();
+                    self.read_malformed = true;
+                    return;
+                }
                 Some(Unit::Header(n)) => {
                     let header = self.read_raw.split_to(n);
                     self.read_ready.unsplit(header);
@@ -379,7 +395,7 @@ impl<S> FullFrames<S> {
             }
             match next_unit(&self.write_raw) {
                 None => return,
-                Some(Unit::Opaque) => self.write_passthrough = true,
+                Some(Unit::Opaque | Unit::Malformed) => self.write_passthrough = true,
                 Some(Unit::Header(n)) => {
                     let header = self.write_raw.split_to(n);
                     self.write_ready.unsplit(header);
@@ -409,6 +425,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for FullFrames<S> {
                 buf.put_slice(&this.read_ready[..n]);
                 this.read_ready.advance(n);
                 return Poll::Ready(Ok(()));
+            }
+            if this.read_malformed {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "malformed AMQP frame header (size or data offset below 8, or offset past the end)",
+                )));
             }
             if this.read_eof {
                 // Whatever incomplete bytes remain go to the engine, which reports the error.

@@ -23,6 +23,7 @@ mod message;
 mod service;
 
 use crate::hub::Hub;
+use crate::transport::{ListenerOptions, StreamService};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -31,12 +32,13 @@ pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
+    options: ListenerOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     if let Ok(addr) = listener.local_addr() {
         hub.set_amqp_port(addr.port());
     }
-    crate::tls::accept_loop(listener, acceptor, "amqp", shutdown, move |tls, peer| {
+    crate::transport::accept_loop(listener, acceptor, options, shutdown, move |tls, peer| {
         let cert = tls
             .get_ref()
             .1
@@ -47,14 +49,14 @@ pub async fn serve(
     .await;
 }
 
-/// Serves AMQP over an upgraded WebSocket (subprotocol `AMQPWSB10`).
-pub async fn serve_websocket(
-    hub: Hub,
-    socket: axum::extract::ws::WebSocket,
-    cert: Option<crate::tls::ClientCertInfo>,
-) {
-    crate::http::bridge_websocket(socket, move |stream| {
-        connection::run(hub, stream, "websocket".to_owned(), cert)
+/// AMQP over an upgraded WebSocket (subprotocol `AMQPWSB10`).
+pub fn websocket_service(hub: Hub) -> StreamService {
+    std::sync::Arc::new(move |stream, cert| {
+        Box::pin(connection::run(
+            hub.clone(),
+            stream,
+            "websocket".to_owned(),
+            cert,
+        ))
     })
-    .await;
 }

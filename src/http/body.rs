@@ -10,6 +10,10 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// Largest request body accepted. Twin documents are at most 40 KB and bulk registry calls at
 /// most 100 devices, so 256 KB leaves room without letting a client make the hub buffer more.
@@ -24,18 +28,77 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
             .await
-            .map_err(|_| {
-                HubError::new(
-                    ErrorCode::MessageTooLarge,
-                    format!("The request body is larger than {MAX_BODY_BYTES} bytes"),
-                )
-            })?;
+            .map_err(body_error)?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(HubError::new(ErrorCode::ArgumentNull, "The request body is empty").into());
         }
-        let value = serde_json::from_slice(&bytes)
-            .map_err(|e| HubError::invalid(format!("The request body is not valid JSON: {e}")))?;
+        let value = crate::twin::parse_json(&bytes)
+            .map_err(|e| HubError::invalid(format!("The request body {e}")))?;
         Ok(Self(value))
+    }
+}
+
+/// What reading a body failed on: the client was too slow ([`DeadlineBody`]), or the body was
+/// too large (or the connection broke, which no one will read the answer to).
+fn body_error(e: axum::Error) -> HubError {
+    let timed_out = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+        .any(|e| e.is::<BodyTimedOut>());
+    if timed_out {
+        HubError::new(
+            ErrorCode::BadRequest,
+            "The request body did not arrive in time; the connection is closed",
+        )
+    } else {
+        HubError::new(
+            ErrorCode::MessageTooLarge,
+            format!("The request body is larger than {MAX_BODY_BYTES} bytes"),
+        )
+    }
+}
+
+/// A request body that fails if it has not fully arrived by a deadline, so that a client that
+/// never finishes its body cannot hold its connection (and a handler) forever.
+pub struct DeadlineBody {
+    inner: hyper::body::Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl DeadlineBody {
+    pub fn new(inner: hyper::body::Incoming, within: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(within)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyTimedOut;
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -17,20 +17,30 @@ mod registry;
 mod twins;
 
 use crate::hub::Hub;
+use crate::transport::{websocket, ListenerOptions, StreamService};
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use error::HttpError;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+/// What serves the byte streams of upgraded WebSockets: the MQTT and AMQP front ends, handed in
+/// by [`crate::run`] so that this front end never calls the others.
+#[derive(Clone)]
+pub struct WebSocketServices {
+    pub mqtt: StreamService,
+    pub amqp: StreamService,
+}
+
 /// The service API and the WebSocket endpoint, as one router.
-pub fn router(hub: Hub) -> Router {
+pub fn router(hub: Hub, websockets: WebSocketServices) -> Router {
     let service = Router::new()
         .merge(registry::routes())
         .merge(twins::routes())
@@ -45,6 +55,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(servicebus_websocket))
         .route("/$servicebus/websocket/", get(servicebus_websocket))
+        .layer(axum::Extension(websockets))
         .merge(control::open_routes())
         .merge(crate::portal::routes())
         .merge(service)
@@ -92,83 +103,72 @@ async fn log_request(
 #[derive(Clone)]
 pub struct ClientCert(pub Option<crate::tls::ClientCertInfo>);
 
+/// Largest WebSocket message accepted: IoT Hub's 256 KB message limit plus room for the MQTT
+/// topic and property bag or the AMQP framing around it.
+const MAX_WEBSOCKET_MESSAGE: usize = 256 * 1024 + 8 * 1024 + 16;
+
 /// The WebSocket subprotocol of AMQP over WebSockets.
 const AMQP_WS_PROTOCOL: &str = "AMQPWSB10";
 
 /// `GET /$iothub/websocket`: MQTT (`Sec-WebSocket-Protocol: mqtt`) or AMQP (`AMQPWSB10`) over
 /// WebSockets. A client that names no known subprotocol gets MQTT.
 async fn websocket(
-    State(hub): State<Hub>,
+    axum::Extension(services): axum::Extension<WebSocketServices>,
     cert: Option<axum::Extension<ClientCert>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let cert = cert.and_then(|axum::Extension(ClientCert(c))| c);
     let upgrade = upgrade
         .protocols(["mqtt", AMQP_WS_PROTOCOL])
-        .max_message_size(crate::mqtt::MAX_PACKET_BYTES + 16);
+        .max_message_size(MAX_WEBSOCKET_MESSAGE);
     if upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == AMQP_WS_PROTOCOL.as_bytes())
     {
         return upgrade
-            .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket, cert))
+            .on_upgrade(move |socket| websocket::bridge(socket, "amqp-ws", cert, services.amqp))
             .into_response();
     }
     upgrade
-        .on_upgrade(move |socket| crate::mqtt::serve_websocket(hub, socket, cert))
+        .on_upgrade(move |socket| websocket::bridge(socket, "mqtt-ws", cert, services.mqtt))
         .into_response()
 }
 
 /// `GET /$servicebus/websocket`: AMQP over WebSockets as the Service Bus and Event Hubs SDKs
 /// open it (uamqp, pyamqp).
-async fn servicebus_websocket(State(hub): State<Hub>, upgrade: WebSocketUpgrade) -> Response {
+async fn servicebus_websocket(
+    axum::Extension(services): axum::Extension<WebSocketServices>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     upgrade
         .protocols([AMQP_WS_PROTOCOL])
-        .max_message_size(crate::mqtt::MAX_PACKET_BYTES + 16)
-        .on_upgrade(move |socket| crate::amqp::serve_websocket(hub, socket, None))
+        .max_message_size(MAX_WEBSOCKET_MESSAGE)
+        .on_upgrade(move |socket| websocket::bridge(socket, "amqp-ws", None, services.amqp))
         .into_response()
 }
 
-/// Carries a byte-stream protocol over an upgraded WebSocket: binary frames in both directions,
-/// bridged through a pipe to `run`, the same connection code the TLS listeners use.
-pub async fn bridge_websocket<F, Fut>(mut socket: axum::extract::ws::WebSocket, run: F)
-where
-    F: FnOnce(tokio::io::DuplexStream) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    use axum::extract::ws::Message;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (session_end, bridge_end) = tokio::io::duplex(64 * 1024);
-    let session = tokio::spawn(run(session_end));
-    let (mut from_session, mut to_session) = tokio::io::split(bridge_end);
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        tokio::select! {
-            frame = socket.recv() => match frame {
-                Some(Ok(Message::Binary(data))) => {
-                    if to_session.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                // Text frames carry neither protocol; anything else ends the connection.
-                Some(Ok(Message::Text(_) | Message::Close(_)) | Err(_)) | None => break,
-            },
-            n = from_session.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        break;
-                    }
-                }
-            },
+/// How long a client may take to send a request's headers, which is also how long a kept-alive
+/// connection may sit idle between requests (hyper's header timer starts as soon as it waits
+/// for the next request).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a client may take to send a request's body once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTPS listener's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub body: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header: HEADER_TIMEOUT,
+            body: BODY_TIMEOUT,
         }
     }
-    // Closing the pipe's write side gives the session end-of-stream, so it ends too.
-    let _ = to_session.shutdown().await;
-    drop((to_session, from_session));
-    let _ = socket.send(Message::Close(None)).await;
-    let _ = session.await;
 }
 
 /// Serves HTTPS on `listener` until `shutdown` resolves.
@@ -176,10 +176,12 @@ pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
+    websockets: WebSocketServices,
+    (options, timeouts): (ListenerOptions, Timeouts),
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let app = router(hub);
-    crate::tls::accept_loop(listener, acceptor, "https", shutdown, move |tls, peer| {
+    let app = router(hub, websockets);
+    let handle = move |tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>, peer| {
         // The client certificate of this connection, for X.509 devices on MQTT or AMQP over
         // WebSockets (each request of the connection carries it).
         let cert = ClientCert(
@@ -188,15 +190,21 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(crate::tls::ClientCertInfo::from_chain),
         );
-        let app = app.clone().map_request(
-            move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(cert.clone());
-                request
-            },
-        );
+        let app =
+            app.clone()
+                .map_request(move |request: axum::http::Request<hyper::body::Incoming>| {
+                    let mut request = request
+                        .map(|b| axum::body::Body::new(body::DeadlineBody::new(b, timeouts.body)));
+                    request.extensions_mut().insert(cert.clone());
+                    request
+                });
         let service = TowerToHyperService::new(app);
         async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeouts.header);
             if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
                 .await
@@ -204,8 +212,8 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "https connection ended with an error");
             }
         }
-    })
-    .await;
+    };
+    crate::transport::accept_loop(listener, acceptor, options, shutdown, handle).await;
 }
 
 /// A status code and nothing else, for handlers with empty success bodies (DELETE → 204).

@@ -70,8 +70,18 @@ async fn run_query(
         Some(_) => return Err(HubError::invalid("'query' must be a string").into()),
     };
     let parsed = query::parse(text).map_err(|e| HubError::invalid(e.to_string()))?;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let page_size = match header("x-ms-max-item-count") {
+    // A header that is present but not ASCII is refused, never read as absent (which would
+    // restart a paged query from its first page).
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| HubError::invalid(format!("The {name} header is not valid")))
+            })
+            .transpose()
+    };
+    let page_size = match header("x-ms-max-item-count")? {
         None | Some("") => DEFAULT_PAGE,
         Some(v) => v
             .trim()
@@ -81,7 +91,7 @@ async fn run_query(
             .ok_or_else(|| HubError::invalid("x-ms-max-item-count must be a positive number"))?
             .min(MAX_PAGE),
     };
-    let continuation = header("x-ms-continuation")
+    let continuation = header("x-ms-continuation")?
         .filter(|t| !t.trim().is_empty())
         .map(Continuation::decode)
         .transpose()?;

@@ -41,8 +41,9 @@ pub fn routes() -> Router<Hub> {
         .route("/statistics/service", get(service_statistics))
 }
 
+/// The `If-Match` precondition of a write ([`IfMatch::from_header`]).
 pub fn if_match(headers: &HeaderMap) -> IfMatch {
-    IfMatch::parse(headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()))
+    IfMatch::from_header(headers.get(header::IF_MATCH).map(|v| v.as_bytes()))
 }
 
 #[derive(Deserialize)]

@@ -10,7 +10,7 @@ pub mod topic;
 
 use crate::hub::Hub;
 use crate::tls::ClientCertInfo;
-use axum::extract::ws::WebSocket;
+use crate::transport::{ListenerOptions, StreamService};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -23,9 +23,10 @@ pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
+    options: ListenerOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    crate::tls::accept_loop(listener, acceptor, "mqtt", shutdown, move |tls, peer| {
+    crate::transport::accept_loop(listener, acceptor, options, shutdown, move |tls, peer| {
         let cert = tls
             .get_ref()
             .1
@@ -36,10 +37,14 @@ pub async fn serve(
     .await;
 }
 
-/// Serves MQTT over an upgraded WebSocket, with the same session code the TLS listener uses.
-pub async fn serve_websocket(hub: Hub, socket: WebSocket, cert: Option<ClientCertInfo>) {
-    crate::http::bridge_websocket(socket, move |stream| {
-        session::run(hub, stream, cert, "websocket".to_owned())
+/// MQTT over an upgraded WebSocket, with the same session code the TLS listener uses.
+pub fn websocket_service(hub: Hub) -> StreamService {
+    std::sync::Arc::new(move |stream, cert| {
+        Box::pin(session::run(
+            hub.clone(),
+            stream,
+            cert,
+            "websocket".to_owned(),
+        ))
     })
-    .await;
 }

@@ -88,9 +88,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// stay in `read_buf`.
     async fn read(&mut self) -> Result<Option<Packet>, Error> {
         loop {
-            // Reserved packet types (0 and 15) are refused by the codec's fixed-header check.
+            // Reserved packet types (0 and 15) are refused by the codec's fixed-header check;
+            // the flag rules it does not check are checked here, on the raw bytes.
+            check_flags(&self.read_buf).map_err(Error::Protocol)?;
             match v4::read(&mut self.read_buf, MAX_PACKET_BYTES) {
-                Ok(packet) => return Ok(Some(packet)),
+                Ok(packet) => {
+                    check_strings(&packet).map_err(Error::Protocol)?;
+                    return Ok(Some(packet));
+                }
                 Err(CodecError::InsufficientBytes(_)) => {}
                 Err(e) => return Err(Error::Codec(e)),
             }
@@ -156,6 +161,7 @@ where
     hub.registry()
         .set_connected(&key, true, accepted.model_id.as_deref());
     Metrics::count(&hub.metrics().mqtt_connections_accepted);
+    crate::transport::record_identity(&key);
     tracing::info!(%peer, identity = %key, "mqtt connected");
     let clean_session = accepted.clean_session;
     let result = Session::new(&hub, accepted, registration)
@@ -175,6 +181,72 @@ where
         Err(e) => tracing::info!(%peer, identity = %key, reason = %e, "mqtt connection closed"),
     }
     let _ = framed.stream.shutdown().await;
+}
+
+/// The fixed-header flags MQTT 3.1.1 fixes, and CONNECT's reserved flag, on the bytes of the
+/// next packet (as many of them as have arrived).
+fn check_flags(buf: &[u8]) -> Result<(), String> {
+    let Some(&first) = buf.first() else {
+        return Ok(());
+    };
+    let (kind, flags) = (first >> 4, first & 0x0f);
+    let required = match kind {
+        // PUBLISH carries DUP, QoS and RETAIN in its flags.
+        3 => None,
+        // [MQTT-3.6.1-1], [MQTT-3.8.1-1], [MQTT-3.10.1-1]: PUBREL, SUBSCRIBE, UNSUBSCRIBE.
+        6 | 8 | 10 => Some(0b0010),
+        // [MQTT-2.2.2-1]: every other packet's flags are reserved as 0.
+        _ => Some(0),
+    };
+    if required.is_some_and(|r| r != flags) {
+        return Err(format!(
+            "packet type {kind} with fixed-header flags {flags:#06b} (MQTT-2.2.2-2)"
+        ));
+    }
+    if kind == 1 {
+        // CONNECT: remaining length (1-4 bytes), protocol name (2-byte length + name), level,
+        // then the connect flags, whose bit 0 is reserved [MQTT-3.1.2-3].
+        let mut at = 1;
+        while buf.get(at).is_some_and(|b| b & 0x80 != 0) && at < 4 {
+            at += 1;
+        }
+        at += 1;
+        let name_len = match buf.get(at..at + 2) {
+            Some(&[hi, lo]) => usize::from(u16::from_be_bytes([hi, lo])),
+            _ => return Ok(()),
+        };
+        if buf.get(at + 2 + name_len + 1).is_some_and(|f| f & 1 != 0) {
+            return Err("CONNECT with the reserved flag set (MQTT-3.1.2-3)".into());
+        }
+    }
+    Ok(())
+}
+
+/// [MQTT-4.7.3-2]: topic names and filters must not contain U+0000.
+fn check_strings(packet: &Packet) -> Result<(), String> {
+    let nul = match packet {
+        Packet::Publish(p) => p.topic.contains('\0'),
+        Packet::Subscribe(s) => s.filters.iter().any(|f| f.path.contains('\0')),
+        Packet::Unsubscribe(u) => u.topics.iter().any(|t| t.contains('\0')),
+        _ => false,
+    };
+    if nul {
+        Err("a topic containing U+0000 (MQTT-4.7.3-2)".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether a CONNECT username names this hub and this client, as IoT Hub requires:
+/// `{hostName}/{clientId}`, then optionally `/` and `?{query}` (any query: `shared/protocol.md`
+/// C.2). The host is compared without case, against every name the hub answers to.
+fn username_matches(hub: &Hub, username: &str, client_id: &str) -> bool {
+    let path = username.split_once('?').map_or(username, |(p, _)| p);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let Some((host, rest)) = path.split_once('/') else {
+        return false;
+    };
+    rest == client_id && hub.answers_to(host)
 }
 
 /// What CONNECT established.
@@ -223,6 +295,17 @@ async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         .login
         .as_ref()
         .map_or(("", ""), |l| (l.username.as_str(), l.password.as_str()));
+    if !username_matches(hub, username, &connect.client_id) {
+        return refuse(
+            framed,
+            ConnectReturnCode::BadUserNamePassword,
+            format!(
+                "username {username:?} is not {{hostName}}/{}/?api-version=…",
+                connect.client_id
+            ),
+        )
+        .await;
+    }
     let auth = if !password.is_empty() {
         hub.authenticate_device(&key, password).map(Some)
     } else if let Some(cert) = client_cert {
@@ -476,7 +559,7 @@ impl<'h> Session<'h> {
                     .await?;
             }
             Topic::TwinPatchReported { rid } => {
-                let result = match serde_json::from_slice::<Value>(&publish.payload) {
+                let result = match crate::twin::parse_json(&publish.payload) {
                     Ok(Value::Object(patch)) => {
                         self.hub.registry().patch_reported(&self.key, &patch)
                     }
@@ -484,7 +567,7 @@ impl<'h> Session<'h> {
                         "The reported-properties patch must be a JSON object",
                     )),
                     Err(e) => Err(HubError::invalid(format!(
-                        "The reported-properties patch is not valid JSON: {e}"
+                        "The reported-properties patch {e}"
                     ))),
                 };
                 match result {

@@ -190,7 +190,7 @@ async fn update_device(
 
 /// DELETE without If-Match means any version, as in the REST API.
 fn delete_precondition(headers: &HeaderMap) -> IfMatch {
-    match IfMatch::parse(headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok())) {
+    match IfMatch::from_header(headers.get(header::IF_MATCH).map(|v| v.as_bytes())) {
         IfMatch::Absent => IfMatch::Any,
         other => other,
     }

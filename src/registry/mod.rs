@@ -78,9 +78,24 @@ pub enum IfMatch {
     Any,
     /// A specific etag.
     Etag(String),
+    /// A header no etag can match (not ASCII): fails like a stale etag.
+    Unmatchable,
 }
 
 impl IfMatch {
+    /// The header as it came off the wire. A value that is not visible ASCII (no etag is) is a
+    /// precondition no version matches, so the write fails with 412 and changes nothing; it never
+    /// turns into "no header", which for twin writes and deletes means "any version".
+    pub fn from_header(value: Option<&[u8]>) -> Self {
+        match value.map(std::str::from_utf8) {
+            None => Self::Absent,
+            Some(Ok(v)) if v.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) => {
+                Self::parse(Some(v))
+            }
+            Some(_) => Self::Unmatchable,
+        }
+    }
+
     /// Parses the header value as the SDKs send it: `"*"` or `"<etag>"`, quoted or not.
     pub fn parse(header: Option<&str>) -> Self {
         let Some(raw) = header.map(str::trim).filter(|s| !s.is_empty()) else {
@@ -101,6 +116,7 @@ impl IfMatch {
     fn check(&self, current: &str) -> HubResult<()> {
         match self {
             Self::Etag(e) if e != current => Err(HubError::precondition_failed()),
+            Self::Unmatchable => Err(HubError::precondition_failed()),
             _ => Ok(()),
         }
     }

@@ -79,6 +79,8 @@ pub async fn start_with(customise: impl FnOnce(&mut Config)) -> TestHub {
             https,
             mqtt,
             amqp: Some(amqp),
+            limits: iothub_emulator::transport::ConnectionLimits::for_this_process(),
+            http_timeouts: Default::default(),
         },
         tls.server_config,
         async move {
