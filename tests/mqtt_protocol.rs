@@ -620,3 +620,86 @@ async fn websocket(hub: &TestHub, cert: Option<(&str, &str)>) -> WsMqtt {
         mqtt: BytesMut::new(),
     }
 }
+
+/// Scenario: IoT Hub requires the CONNECT username `{hostName}/{clientId}/?api-version=…`; one
+/// that names another hub, another client, or nothing is refused with CONNACK 4 (bad username
+/// or password) even with a valid token. Any of the hub's names, in any case, and any query
+/// are accepted.
+#[tokio::test]
+async fn the_connect_username_must_name_this_hub_and_this_client() {
+    let hub = common::start().await;
+    let key = hub.device("named").await;
+    let token = common::identity_token("named", None, &key);
+    for username in [
+        "otherhub.azure-devices.net/named/?api-version=2021-04-12",
+        "localhost/someone-else/?api-version=2021-04-12",
+        "localhost/named/extra/?api-version=2021-04-12",
+        "named",
+        "",
+    ] {
+        let mut options = hub.mqtt_options("named", &token);
+        options.set_credentials(username, &token);
+        let (_client, connack) = hub.mqtt_start(options).await;
+        match connack {
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                assert_eq!(code, ConnectReturnCode::BadUserNamePassword, "{username:?}")
+            }
+            other => panic!("{username:?}: expected CONNACK 4, got {other:?}"),
+        }
+    }
+    for username in [
+        "LocalHost/named/?api-version=2021-04-12&DeviceClientType=x",
+        "127.0.0.1/named/",
+        "localhost/named",
+    ] {
+        let mut options = hub.mqtt_options("named", &token);
+        options.set_credentials(username, &token);
+        let (_client, connack) = hub.mqtt_start(options).await;
+        assert_eq!(
+            connack.unwrap().code,
+            ConnectReturnCode::Success,
+            "{username:?}"
+        );
+    }
+}
+
+/// Scenario: bytes MQTT 3.1.1 forbids close the connection: CONNECT's reserved flag
+/// [MQTT-3.1.2-3], SUBSCRIBE without its fixed flags 0010 [MQTT-3.8.1-1], a topic with U+0000
+/// [MQTT-4.7.3-2]; another device is unaffected.
+#[tokio::test]
+async fn reserved_flags_and_nul_in_topics_close_the_connection() {
+    let hub = common::start().await;
+    let mut healthy = healthy_device(&hub, "healthy").await;
+    let key = hub.device("dev").await;
+
+    let mut connect =
+        common::connect_packet("dev", &common::identity_token("dev", None, &key), 60, true);
+    // Fixed header, "\0\x04MQTT", the level byte, then the connect flags.
+    let name = connect
+        .windows(6)
+        .position(|w| w == b"\x00\x04MQTT")
+        .unwrap();
+    connect[name + 7] |= 1;
+    let mut raw = hub.raw_mqtt().await;
+    raw.send(&connect).await;
+    raw.expect_closed().await;
+
+    let mut raw = hub.raw_mqtt_connected("dev", None, &key, 60).await;
+    let mut subscribe = BytesMut::new();
+    mqtt::Subscribe::new("devices/dev/messages/devicebound/#", QoS::AtLeastOnce)
+        .write(&mut subscribe)
+        .unwrap();
+    subscribe[0] = 0x80; // flags 0000 instead of 0010
+    raw.send(&subscribe).await;
+    raw.expect_closed().await;
+
+    let mut raw = hub.raw_mqtt_connected("dev", None, &key, 60).await;
+    let mut publish = BytesMut::new();
+    mqtt::Publish::new("devices/dev/messages/events/a\0b", QoS::AtMostOnce, "x")
+        .write(&mut publish)
+        .unwrap();
+    raw.send(&publish).await;
+    raw.expect_closed().await;
+
+    healthy.twin_get("ok").await;
+}

@@ -627,4 +627,28 @@ mod tests {
         want.extend_from_slice(&close);
         assert_eq!(got, want);
     }
+
+    /// Frame headers the engine's decoder panicked on (size below the 8-byte header) and others
+    /// no valid frame has: what came before them is delivered, then reads fail.
+    #[tokio::test]
+    async fn malformed_frame_headers_fail_the_read_instead_of_reaching_the_engine() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for bad in [
+            &[0u8, 0, 0, 4, 2, 0, 0, 0][..], // size 4
+            &[0, 0, 0, 0, 2, 0, 0, 0],       // size 0
+            &[0, 0, 0, 16, 1, 0, 0, 0],      // data offset 4 bytes
+            &[0, 0, 0, 16, 5, 0, 0, 0],      // data offset 20, past the frame's 16
+        ] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            let mut shim = FullFrames::with_prefix(server, b"AMQP\x00\x01\x00\x00");
+            client.write_all(bad).await.unwrap();
+            client.write_all(&[0; 16]).await.unwrap();
+            let mut header = [0u8; 8];
+            shim.read_exact(&mut header).await.unwrap();
+            assert_eq!(&header, b"AMQP\x00\x01\x00\x00");
+            let mut rest = [0u8; 8];
+            let e = shim.read(&mut rest).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        }
+    }
 }

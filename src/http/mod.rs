@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use error::HttpError;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -200,13 +200,16 @@ pub async fn serve(
                 });
         let service = TowerToHyperService::new(app);
         async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // HTTP/1.1 only (what IoT Hub's service API speaks), and hyper's own HTTP/1 server
+            // rather than the auto-detecting one, which reads the first bytes itself before
+            // any header timer runs.
+            let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeouts.header);
             if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(%peer, error = %e, "https connection ended with an error");

@@ -62,6 +62,20 @@ pub async fn start() -> TestHub {
 }
 
 pub async fn start_with(customise: impl FnOnce(&mut Config)) -> TestHub {
+    start_custom(
+        customise,
+        iothub_emulator::transport::ConnectionLimits::for_this_process(),
+        Default::default(),
+    )
+    .await
+}
+
+/// A hub with its own connection limits and HTTPS timeouts (the hostile-client tests).
+pub async fn start_custom(
+    customise: impl FnOnce(&mut Config),
+    limits: iothub_emulator::transport::ConnectionLimits,
+    http_timeouts: iothub_emulator::http::Timeouts,
+) -> TestHub {
     let certs = tempfile::tempdir().unwrap();
     let mut config = config(certs.path().to_owned());
     customise(&mut config);
@@ -79,8 +93,8 @@ pub async fn start_with(customise: impl FnOnce(&mut Config)) -> TestHub {
             https,
             mqtt,
             amqp: Some(amqp),
-            limits: iothub_emulator::transport::ConnectionLimits::for_this_process(),
-            http_timeouts: Default::default(),
+            limits,
+            http_timeouts,
         },
         tls.server_config,
         async move {
