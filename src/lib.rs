@@ -3,6 +3,10 @@
 //! # Layout
 //! - [`config`]: flags and the config file, merged into one [`config::Config`].
 //! - [`tls`]: the local CA, the server certificate, client-certificate requests.
+//! - [`transport`]: below the three front ends: the accept loop (TLS handshake, per-listener
+//!   connection limits, a `connection` span per connection) and the WebSocket byte bridge. The
+//!   front ends use it and never each other: [`run`] hands the HTTPS front end the MQTT and
+//!   AMQP stream services its WebSocket endpoints serve.
 //! - [`auth`]: policies, symmetric keys, SAS tokens.
 //! - [`registry`]: device and module identities and their twins (the twin store), sharded per
 //!   device. [`twin`] holds the pure twin-document logic (merge, versions, `$metadata`, limits).
