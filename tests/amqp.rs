@@ -520,3 +520,154 @@ async fn a_client_certificate_authenticates_amqp_links_without_a_token() {
         .is_some());
     anonymous.close().await;
 }
+
+// ----- raw frames, for attaches fe2o3-amqp's own client cannot send -----
+
+fn raw_frame(channel: u16, performative: &[u8]) -> Vec<u8> {
+    let mut f = ((8 + performative.len()) as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&[2, 0]);
+    f.extend_from_slice(&channel.to_be_bytes());
+    f.extend_from_slice(performative);
+    f
+}
+
+fn list8(descriptor: u8, elements: &[&[u8]]) -> Vec<u8> {
+    let body: Vec<u8> = elements.concat();
+    let mut out = vec![
+        0x00,
+        0x53,
+        descriptor,
+        0xc0,
+        (body.len() + 1) as u8,
+        elements.len() as u8,
+    ];
+    out.extend_from_slice(&body);
+    out
+}
+
+fn str8(s: &str) -> Vec<u8> {
+    let mut out = vec![0xa1, s.len() as u8];
+    out.extend_from_slice(s.as_bytes());
+    out
+}
+
+/// An attach: `sender` is the client's role; `None` leaves the terminus out.
+fn raw_attach(
+    name: &str,
+    handle: u8,
+    sender: bool,
+    source: Option<&str>,
+    target: Option<&str>,
+) -> Vec<u8> {
+    let terminus = |code: u8, address: Option<&str>| match address {
+        Some(a) => list8(code, &[&str8(a)]),
+        None => vec![0x40],
+    };
+    let role = if sender { 0x42 } else { 0x41 };
+    raw_frame(
+        0,
+        &list8(
+            0x12,
+            &[
+                &str8(name),
+                &[0x52, handle],
+                &[role],
+                &[0x40],
+                &[0x40],
+                &terminus(0x28, source),
+                &terminus(0x29, target),
+                &[0x40],
+                &[0x40],
+                &[0x43],
+            ],
+        ),
+    )
+}
+
+/// Reads frames until one with performative `code` whose bytes contain `needle`; panics after
+/// [`WAIT`].
+async fn expect_frame(
+    stream: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut Vec<u8>,
+    code: u8,
+    needle: &[u8],
+) {
+    let found = async {
+        loop {
+            while buf.len() >= 8 && buf[..4] != *b"AMQP" {
+                let size = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+                if buf.len() < size {
+                    break;
+                }
+                let frame: Vec<u8> = buf.drain(..size).collect();
+                let doff = usize::from(frame[4]) * 4;
+                let body = &frame[doff..];
+                if body.starts_with(&[0x00, 0x53, code])
+                    && (needle.is_empty() || body.windows(needle.len()).any(|w| w == needle))
+                {
+                    return;
+                }
+            }
+            if buf.starts_with(b"AMQP") {
+                buf.drain(..8);
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the hub closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, found).await.unwrap_or_else(|_| {
+        panic!(
+            "no performative {code:#x} containing {:?}",
+            String::from_utf8_lossy(needle)
+        )
+    });
+}
+
+/// Scenario: attaches the AMQP engine cannot take as they are get an answer instead of
+/// silence: a sender without a target is attached and detached with `amqp:invalid-field`, and
+/// later attaches of the session are still served; a second link of a name already attached in
+/// the session ends the session with `amqp:invalid-field`.
+#[tokio::test]
+async fn attaches_the_engine_refuses_are_answered_not_left_waiting() {
+    let t = common::start().await;
+    let mut raw = t.tls_stream(t.amqp).await;
+    let open = raw_frame(0, &list8(0x10, &[&str8("raw")]));
+    let begin = raw_frame(
+        0,
+        &list8(
+            0x11,
+            &[
+                &[0x40],
+                &[0x43],
+                &[0x70, 0, 0, 0, 100],
+                &[0x70, 0, 0, 0, 100],
+            ],
+        ),
+    );
+    raw.write_all(b"AMQP\x00\x01\x00\x00").await.unwrap();
+    raw.write_all(&open).await.unwrap();
+    raw.write_all(&begin).await.unwrap();
+    let mut buf = Vec::new();
+    expect_frame(&mut raw, &mut buf, 0x11, b"").await;
+
+    raw.write_all(&raw_attach("no-target", 0, true, Some("raw"), None))
+        .await
+        .unwrap();
+    expect_frame(&mut raw, &mut buf, 0x16, b"amqp:invalid-field").await;
+    raw.write_all(&raw_attach("after", 1, true, Some("raw"), Some("$cbs")))
+        .await
+        .unwrap();
+    expect_frame(&mut raw, &mut buf, 0x12, b"after").await;
+
+    raw.write_all(&raw_attach("twice", 2, true, Some("raw"), Some("$cbs")))
+        .await
+        .unwrap();
+    expect_frame(&mut raw, &mut buf, 0x12, b"twice").await;
+    raw.write_all(&raw_attach("twice", 3, false, Some("$cbs"), Some("raw")))
+        .await
+        .unwrap();
+    expect_frame(&mut raw, &mut buf, 0x17, b"amqp:invalid-field").await;
+}
