@@ -278,6 +278,21 @@ test('device method over Amqp: onDeviceMethod answers with a status and a scalar
 
 // --- cloud-to-device ----------------------------------------------------------------------
 
+// One feedback receiver for the whole file: the hub's feedback queue has competing consumers,
+// as IoT Hub's does, so a second receiver per test could take a batch meant for the first.
+let feedbackRecordsPromise;
+function feedbackRecords() {
+  feedbackRecordsPromise ??= (async () => {
+    const { result: feedback } = await hub.withTimeout(service.getFeedbackReceiver(), STEP_MS, 'getFeedbackReceiver');
+    const records = [];
+    feedback.on('message', (msg) => {
+      for (const record of JSON.parse(msg.data.toString('utf8'))) records.push(record);
+    });
+    return records;
+  })();
+  return feedbackRecordsPromise;
+}
+
 for (const [transportName, Transport] of TRANSPORTS) {
   test(`C2D over ${transportName}: Client.send (AMQP) → on('message') → complete; feedback Success`, { timeout: 60_000 }, async (t) => {
     const identity = await newIdentity('device');
@@ -285,13 +300,7 @@ for (const [transportName, Transport] of TRANSPORTS) {
     const inbox = new Inbox();
     client.on('message', (msg) => inbox.push(msg));
 
-    const { result: feedback } = await hub.withTimeout(service.getFeedbackReceiver(), STEP_MS, 'getFeedbackReceiver');
-    const records = [];
-    const onFeedback = (msg) => {
-      for (const record of JSON.parse(msg.data.toString('utf8'))) records.push(record);
-    };
-    feedback.on('message', onFeedback);
-    t.after(() => feedback.removeListener('message', onFeedback));
+    const records = await feedbackRecords();
 
     const messageId = hub.uniqueId('c2d');
     const message = new ServiceMessage('hello amqp device ✓');
