@@ -1,0 +1,102 @@
+//! Cloud-to-device queues: one per device, kept in its record.
+
+use super::Registry;
+use crate::c2d::{self, CloudMessage};
+use crate::error::{ErrorCode, HubError, HubResult};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+impl Registry {
+    /// Queues a message for a device.
+    ///
+    /// # Errors
+    /// 404001 for an unknown device; 403004 when 50 messages already wait.
+    pub fn enqueue_c2d(&self, device_id: &str, mut message: CloudMessage) -> HubResult<()> {
+        self.change_device(device_id, |rec| {
+            rec.purge_expired_c2d();
+            if rec.c2d.len() >= c2d::MAX_QUEUE {
+                return Err(HubError::new(
+                    ErrorCode::DeviceMaximumQueueDepthExceeded,
+                    format!(
+                        "Device {device_id} already has the maximum of {} cloud-to-device messages waiting",
+                        c2d::MAX_QUEUE
+                    ),
+                ));
+            }
+            message.lock_token = self.c2d_seq.fetch_add(1, Ordering::Relaxed);
+            rec.c2d.push_back(message);
+            rec.device.common.c2d_count = rec.c2d.len() as u32;
+            Ok(())
+        }, |()| {})
+    }
+
+    /// `DELETE /devices/{id}/commands`: drops every message waiting for the device, delivered
+    /// or not; returns how many there were.
+    pub fn purge_c2d(&self, device_id: &str) -> HubResult<usize> {
+        self.change_device(
+            device_id,
+            |rec| {
+                let purged = rec.c2d.len();
+                rec.c2d.clear();
+                rec.device.common.c2d_count = 0;
+                Ok(purged)
+            },
+            |_| {},
+        )
+    }
+
+    /// Unexpired messages waiting for a device, except those in `in_flight`, oldest first.
+    pub fn pending_c2d(&self, device_id: &str, in_flight: &HashSet<u64>) -> Vec<CloudMessage> {
+        self.with_device(device_id, |rec| {
+            rec.purge_expired_c2d();
+            Ok(rec
+                .c2d
+                .iter()
+                .filter(|m| !in_flight.contains(&m.lock_token))
+                .cloned()
+                .collect())
+        })
+        .unwrap_or_default()
+    }
+
+    /// The device completed (acknowledged) or rejected a message: it leaves the queue.
+    /// Returns the message, if it was still there.
+    pub fn complete_c2d(&self, device_id: &str, lock_token: u64) -> Option<CloudMessage> {
+        self.change_device(
+            device_id,
+            |rec| {
+                let at = rec.c2d.iter().position(|m| m.lock_token == lock_token);
+                let removed = at.and_then(|i| rec.c2d.remove(i));
+                rec.device.common.c2d_count = rec.c2d.len() as u32;
+                Ok(removed)
+            },
+            |_| {},
+        )
+        .ok()
+        .flatten()
+    }
+
+    /// The device abandoned a message: it stays queued for another delivery, unless it has
+    /// now been delivered [`c2d::MAX_DELIVERY_COUNT`] times, when it leaves the queue and is
+    /// returned (dead-lettered).
+    pub fn abandon_c2d(&self, device_id: &str, lock_token: u64) -> Option<CloudMessage> {
+        self.change_device(
+            device_id,
+            |rec| {
+                let Some(at) = rec.c2d.iter().position(|m| m.lock_token == lock_token) else {
+                    return Ok(None);
+                };
+                rec.c2d[at].delivery_count += 1;
+                if rec.c2d[at].delivery_count < c2d::MAX_DELIVERY_COUNT {
+                    return Ok(None);
+                }
+                let removed = rec.c2d.remove(at);
+                rec.device.common.c2d_count = rec.c2d.len() as u32;
+                Ok(removed)
+            },
+            |_| {},
+        )
+        .ok()
+        .flatten()
+    }
+}
