@@ -28,6 +28,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use validate::{check_size, merged_size, size_of, validate_object, Place};
+
+mod json;
+mod validate;
+
+pub use json::{parse_json, JsonError};
 
 /// Size limit of `tags`, in bytes as IoT Hub counts them.
 pub const TAGS_MAX_BYTES: usize = 8 * 1024;
@@ -45,71 +51,6 @@ const NEW_TWIN_VERSION: u64 = 2;
 /// Largest magnitude of an integer value (IoT Hub stores numbers as doubles).
 pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
 
-/// Why a JSON document was refused before any of it was looked at.
-#[derive(Debug)]
-pub enum JsonError {
-    Syntax(serde_json::Error),
-    /// An integer literal too large for 64 bits, which the parser would silently turn into a
-    /// float (and so let it past the range check that catches 2^52).
-    HugeInteger(String),
-}
-
-impl std::fmt::Display for JsonError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Syntax(e) => write!(f, "is not valid JSON: {e}"),
-            Self::HugeInteger(n) => write!(
-                f,
-                "holds the integer {n}, outside the supported range {} to {MAX_SAFE_INT}",
-                -MAX_SAFE_INT - 1
-            ),
-        }
-    }
-}
-
-/// Parses a JSON document that may become (part of) a twin: syntax first, then every integer
-/// literal must fit 64 bits, so that `123456789012345678901234567890` is refused like 2^52 is
-/// instead of being stored as a float.
-pub fn parse_json(bytes: &[u8]) -> Result<Value, JsonError> {
-    let value = serde_json::from_slice(bytes).map_err(JsonError::Syntax)?;
-    match huge_integer(bytes) {
-        Some(n) => Err(JsonError::HugeInteger(n)),
-        None => Ok(value),
-    }
-}
-
-/// The first integer literal of a (valid) JSON text that fits neither i64 nor u64.
-fn huge_integer(text: &[u8]) -> Option<String> {
-    let mut i = 0;
-    while i < text.len() {
-        match text[i] {
-            b'"' => {
-                i += 1;
-                while i < text.len() && text[i] != b'"' {
-                    i += if text[i] == b'\\' { 2 } else { 1 };
-                }
-                i += 1;
-            }
-            b'-' | b'0'..=b'9' => {
-                let start = i;
-                while i < text.len()
-                    && matches!(text[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                {
-                    i += 1;
-                }
-                let token = std::str::from_utf8(&text[start..i]).unwrap_or_default();
-                let integer = !token.contains(['.', 'e', 'E']);
-                if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
-                    return Some(token.to_owned());
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    None
-}
-
-/// `$metadata` of one object or leaf.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Meta {
     last_updated: Timestamp,
@@ -584,156 +525,6 @@ fn merge(
             }
         }
     }
-}
-
-/// Where a value sits (`properties.reported.a.b[2]`), for error messages: written out only
-/// when there is an error, so a valid patch costs no string building.
-enum Place<'a> {
-    /// The section checked: `tags`, `properties.desired`, …
-    Root(&'a str),
-    Key(&'a Place<'a>, &'a str),
-    Index(&'a Place<'a>, usize),
-}
-
-impl std::fmt::Display for Place<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Place::Root(what) => f.write_str(what),
-            Place::Key(parent, key) => write!(f, "{parent}.{key}"),
-            Place::Index(parent, i) => write!(f, "{parent}[{i}]"),
-        }
-    }
-}
-
-/// Checks keys, value types, string lengths, integer range and depth. `allow_null` is true for
-/// patches, where `null` means "delete".
-fn validate_object(
-    map: &Map<String, Value>,
-    depth: usize,
-    path: &Place<'_>,
-    allow_null: bool,
-) -> HubResult<()> {
-    if depth > MAX_DEPTH {
-        return Err(HubError::invalid(format!(
-            "{path}: nesting is deeper than the maximum of {MAX_DEPTH} levels"
-        )));
-    }
-    for (key, value) in map {
-        validate_key(key, path)?;
-        validate_value(value, depth, &Place::Key(path, key), allow_null)?;
-    }
-    Ok(())
-}
-
-fn validate_value(
-    value: &Value,
-    depth: usize,
-    path: &Place<'_>,
-    allow_null: bool,
-) -> HubResult<()> {
-    match value {
-        Value::Null if allow_null => Ok(()),
-        Value::Null => Err(HubError::invalid(format!(
-            "{path}: null is only allowed in a patch, to delete a property"
-        ))),
-        Value::String(s) if s.len() > STRING_MAX_BYTES => Err(HubError::invalid(format!(
-            "{path}: string value is longer than {STRING_MAX_BYTES} bytes"
-        ))),
-        Value::Number(n) => {
-            let in_range = match (n.as_i64(), n.as_u64()) {
-                (Some(i), _) => (-MAX_SAFE_INT - 1..=MAX_SAFE_INT).contains(&i),
-                (None, Some(_)) => false,
-                (None, None) => n.as_f64().is_some_and(f64::is_finite),
-            };
-            if in_range {
-                Ok(())
-            } else {
-                Err(HubError::invalid(format!(
-                    "{path}: integer is outside the supported range {} to {MAX_SAFE_INT}",
-                    -MAX_SAFE_INT - 1
-                )))
-            }
-        }
-        Value::Object(sub) => validate_object(sub, depth + 1, path, allow_null),
-        Value::Array(items) => {
-            // Array elements are values, not patches: a null inside an array is kept as data.
-            for (i, item) in items.iter().enumerate() {
-                if !item.is_null() {
-                    validate_value(item, depth + 1, &Place::Index(path, i), false)?;
-                }
-            }
-            Ok(())
-        }
-        _ => Ok(()),
-    }
-}
-
-fn validate_key(key: &str, path: &Place<'_>) -> HubResult<()> {
-    let bad = |why: &str| {
-        Err(HubError::invalid(format!(
-            "{path}: property name '{}' {why}",
-            key.chars().take(64).collect::<String>()
-        )))
-    };
-    if key.is_empty() {
-        return bad("is empty");
-    }
-    if key.len() > KEY_MAX_BYTES {
-        return bad("is longer than 1024 bytes");
-    }
-    if key
-        .chars()
-        .any(|c| c.is_control() || matches!(c, '.' | '$' | ' '))
-    {
-        return bad(
-            "contains a character IoT Hub does not allow (control characters, '.', '$' or space)",
-        );
-    }
-    Ok(())
-}
-
-/// IoT Hub's size measure: key bytes plus value bytes; numbers 8, booleans 4.
-fn size_of(map: &Map<String, Value>) -> usize {
-    map.iter().map(|(k, v)| k.len() + value_size(v)).sum()
-}
-
-fn value_size(v: &Value) -> usize {
-    match v {
-        Value::Null => 0,
-        Value::Bool(_) => 4,
-        Value::Number(_) => 8,
-        Value::String(s) => s.len(),
-        Value::Array(items) => items.iter().map(value_size).sum(),
-        Value::Object(m) => size_of(m),
-    }
-}
-
-/// The size `target` (absent: empty) would have after [`merge`] with `patch`, worked out
-/// without merging.
-fn merged_size(target: Option<&Map<String, Value>>, patch: &Map<String, Value>) -> usize {
-    let mut size = target.map_or(0, size_of);
-    for (key, value) in patch {
-        let old = target.and_then(|t| t.get(key));
-        if let Some(old) = old {
-            size -= key.len() + value_size(old);
-        }
-        size += match value {
-            Value::Null => 0,
-            // Merged into the old object, or into a new empty one if it was not an object.
-            Value::Object(sub) => key.len() + merged_size(old.and_then(Value::as_object), sub),
-            leaf => key.len() + value_size(leaf),
-        };
-    }
-    size
-}
-
-fn check_size(size: usize, max: usize, what: &str) -> HubResult<()> {
-    if size > max {
-        return Err(HubError::invalid(format!(
-            "{what} would be {size} bytes, over the maximum of {max} bytes"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
