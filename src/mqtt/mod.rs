@@ -5,6 +5,8 @@
 //! authenticated as, its publishes are parsed for that identity only ([`topic`]), and what it
 //! receives comes from the hub's queue for that identity ([`crate::connections`]).
 
+mod connect;
+mod framed;
 pub mod session;
 pub mod topic;
 
