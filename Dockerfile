@@ -18,6 +18,8 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace names the load tool, so its manifest and sources must be there (it is not built).
+COPY bench ./bench
 COPY config ./config
 RUN cargo build --release --locked --bin iothub-emulator \
  && install -D -m 0755 target/release/iothub-emulator /out/iothub-emulator

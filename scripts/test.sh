@@ -23,11 +23,11 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 phase() { printf '\n==> %s\n' "$*"; }
 
-phase "cargo build --locked"
-cargo build --locked --quiet
+phase "cargo build --locked --workspace"
+cargo build --locked --quiet --workspace
 
-phase "cargo test --locked"
-cargo test --locked
+phase "cargo test --locked --workspace"
+cargo test --locked --workspace
 
 # --- Container: the Dockerfile's steps, run on this host (no Docker engine needed) ---------
 # Release build as in the image's builder stage, then the runtime steps: setcap, a non-root

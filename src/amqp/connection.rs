@@ -1,29 +1,25 @@
 //! One AMQP connection: protocol header and SASL, then sessions, then links, each link a
-//! task of its own. The connection's [`Conn`] holds what its links share: the hub, the grants
-//! its tokens earned, the reply queues of `$cbs` and `$management`, and the device identities
-//! it carries.
+//! task of its own, handed by its address to the handler of that node ([`super::device`],
+//! [`super::service`], [`super::eventhub`]). What the links share lives in [`super::link`],
+//! below the handlers: this file is the only one that knows them all.
 
-use super::cbs::{Grant, Sasl};
-use super::device::Presence;
+use super::cbs::Sasl;
 use super::frames::FullFrames;
+use super::link::{error, refuse, Conn};
 use super::{address, device, eventhub, service};
 use crate::hub::Hub;
-use crate::registry::IdentityKey;
-use crate::timestamp::unix_now;
 use crate::tls::ClientCertInfo;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
     ListenerSessionHandle, SessionAcceptor, SupportedReceiverSettleModes,
 };
 use fe2o3_amqp::types::definitions::{self, ErrorCondition, ReceiverSettleMode, Role};
-use fe2o3_amqp::types::messaging::{Body, Message, TargetArchetype};
+use fe2o3_amqp::types::messaging::TargetArchetype;
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
 
 /// How long a client has to send its protocol header and complete SASL and Open.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,170 +32,6 @@ const IDLE_TIMEOUT_MS: u32 = 240_000;
 /// Most sessions (channels) and links per session per connection.
 const CHANNEL_MAX: u16 = 255;
 const HANDLE_MAX: u32 = 255;
-
-/// An AMQP message as the links pass it around.
-pub type AmqpMessage = Message<Body<Value>>;
-
-/// What one connection's links share.
-pub struct Conn {
-    pub hub: Hub,
-    pub peer: String,
-    grants: Mutex<Vec<Grant>>,
-    grants_changed: Notify,
-    /// Replies to `$cbs` put-token requests, for the `$cbs` receiver link.
-    pub cbs_replies: Replies,
-    /// Replies to `$management` requests, for the `$management` receiver link.
-    pub management_replies: Replies,
-    /// Device identities with links on this connection.
-    devices: Mutex<HashMap<IdentityKey, Arc<Presence>>>,
-    /// Set to close the connection, with the error to close it with.
-    closing: Mutex<Option<definitions::Error>>,
-    close: Notify,
-    /// The certificate the client presented in the TLS handshake: X.509 devices attach their
-    /// links with no token at all (the Node SDK skips `$cbs` for them).
-    client_cert: Option<ClientCertInfo>,
-}
-
-/// A reply queue between a request link and the response link of the same node.
-pub struct Replies {
-    tx: mpsc::Sender<AmqpMessage>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<AmqpMessage>>,
-}
-
-impl Replies {
-    fn new() -> Self {
-        let (tx, rx) = mpsc::channel(64);
-        Self {
-            tx,
-            rx: tokio::sync::Mutex::new(rx),
-        }
-    }
-
-    /// Queues a reply; a client that never reads its replies loses them rather than
-    /// blocking its requests.
-    pub fn send(&self, reply: AmqpMessage) {
-        let _ = self.tx.try_send(reply);
-    }
-
-    /// Sends queued replies on `sender` until the link or the connection goes.
-    pub async fn serve(&self, sender: fe2o3_amqp::Sender) {
-        let mut rx = self.rx.lock().await;
-        device::pump(sender, &mut rx).await;
-    }
-}
-
-/// An AMQP error with an IoT Hub condition symbol.
-pub fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
-    definitions::Error::new(
-        ErrorCondition::Custom(Symbol::from(condition)),
-        Some(description.into()),
-        None,
-    )
-}
-
-impl Conn {
-    /// Adds a verified token's grant; a grant for the same subject and scope is replaced
-    /// (token renewal).
-    pub fn add_grant(&self, grant: Grant) {
-        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        grants.retain(|g| !(g.subject == grant.subject && g.scope == grant.scope));
-        grants.push(grant);
-        drop(grants);
-        self.grants_changed.notify_one();
-    }
-
-    /// Whether the connection may act as `key`: a token for it, or a client certificate that
-    /// authenticates it (checked at each attach, so a changed registration applies at once).
-    pub fn may_act_as(&self, key: &IdentityKey) -> bool {
-        if self.authorized(|g| g.allows_device(key)) {
-            return true;
-        }
-        let Some(cert) = &self.client_cert else {
-            return false;
-        };
-        match self.hub.authenticate_x509(key, cert) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::info!(peer = %self.peer, identity = %key, error = %e.message, "amqp client certificate refused");
-                false
-            }
-        }
-    }
-
-    /// Whether an unexpired grant satisfies `check`.
-    pub fn authorized(&self, check: impl Fn(&Grant) -> bool) -> bool {
-        let now = unix_now();
-        self.grants
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|g| g.expiry > now && check(g))
-    }
-
-    /// Asks the connection to close with `error`.
-    pub fn close_with(&self, error: definitions::Error) {
-        let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
-        if closing.is_none() {
-            *closing = Some(error);
-        }
-        drop(closing);
-        self.close.notify_one();
-    }
-
-    /// This connection's presence for `key`, registering the identity as connected on first use
-    /// (which closes any other connection of the same identity).
-    pub fn presence(self: &Arc<Self>, key: &IdentityKey) -> Arc<Presence> {
-        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = devices.get(key) {
-            return Arc::clone(p);
-        }
-        let (presence, registration) = Presence::register(&self.hub, key);
-        crate::transport::record_identity(key);
-        devices.insert(key.clone(), Arc::clone(&presence));
-        drop(devices);
-        crate::transport::spawn(device::deliver_events(
-            Arc::clone(self),
-            Arc::clone(&presence),
-            registration,
-        ));
-        presence
-    }
-
-    /// Waits until the earliest grant expires, then drops expired grants. Returns an error to
-    /// close the connection with when a grant expired without being renewed.
-    async fn watch_expiry(&self) -> definitions::Error {
-        loop {
-            let changed = self.grants_changed.notified();
-            let next = self
-                .grants
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|g| g.expiry)
-                .min();
-            match next {
-                None => changed.await,
-                Some(expiry) => {
-                    let wait = Duration::from_secs(expiry.saturating_sub(unix_now()));
-                    tokio::select! {
-                        () = changed => {}
-                        () = tokio::time::sleep(wait) => {
-                            let now = unix_now();
-                            let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-                            if grants.iter().any(|g| g.expiry <= now) {
-                                grants.clear();
-                                return error(
-                                    "amqp:unauthorized-access",
-                                    "The SAS token expired and was not renewed on $cbs",
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// Serves one connection, from its first byte to its end.
 pub async fn run<S>(hub: Hub, mut stream: S, peer: String, client_cert: Option<ClientCertInfo>)
@@ -256,18 +88,7 @@ where
     tracing::info!(%peer, sasl, "amqp connection opened");
     crate::metrics::Metrics::count(&hub.metrics().amqp_connections);
 
-    let conn = Arc::new(Conn {
-        hub,
-        peer,
-        grants: Mutex::new(Vec::new()),
-        grants_changed: Notify::new(),
-        cbs_replies: Replies::new(),
-        management_replies: Replies::new(),
-        devices: Mutex::new(HashMap::new()),
-        closing: Mutex::new(None),
-        close: Notify::new(),
-        client_cert,
-    });
+    let conn = Arc::new(Conn::new(hub, peer, client_cert));
     if let Some(grant) = sasl_acceptor
         .granted
         .lock()
@@ -279,15 +100,7 @@ where
 
     let closing = serve_sessions(&conn, &mut connection).await;
     // The identities are offline from here, whether or not the peer answers the Close.
-    let devices: Vec<_> = conn
-        .devices
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
-    for (_, presence) in devices {
-        presence.unregister(&conn.hub);
-    }
+    conn.unregister_identities();
     let close = async {
         match closing {
             Some(e) => {
@@ -321,9 +134,7 @@ async fn serve_sessions(
                     return None;
                 }
             },
-            () = conn.close.notified() => {
-                return conn.closing.lock().unwrap_or_else(|p| p.into_inner()).take();
-            }
+            e = conn.closed() => return e,
             e = conn.watch_expiry() => return Some(e),
         }
     }
@@ -497,14 +308,4 @@ fn redirect(hub: &Hub, rest: &str) -> definitions::Error {
         Some(format!("Use the Event Hub-compatible endpoint: {address}")),
         Some(info),
     )
-}
-
-/// Detaches a just-attached link with `error` (IoT Hub's way of refusing a link).
-pub fn refuse(link: LinkEndpoint, error: definitions::Error) {
-    crate::transport::spawn(async move {
-        let _ = match link {
-            LinkEndpoint::Sender(s) => s.close_with_error(error).await.map_err(drop),
-            LinkEndpoint::Receiver(r) => r.close_with_error(error).await.map_err(drop),
-        };
-    });
 }

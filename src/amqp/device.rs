@@ -8,140 +8,25 @@
 //! and [`deliver_events`] hands each event to the link that carries it.
 
 use super::address::Node;
-use super::connection::{error, refuse, AmqpMessage, Conn};
+use super::link::{error, pump, refuse, Conn, Presence, LINK_QUEUE};
 use super::message::{
     annotation_text, body_bytes, data_message, device_message_of, id_text, parse_uuid,
-    property_text, telemetry_of,
+    property_text, telemetry_of, AmqpMessage,
 };
 use crate::c2d::Settlement;
-use crate::connections::{Feature, MethodRequest, Outbound, Registration};
+use crate::connections::Feature;
 use crate::error::HubError;
-use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::IdentityKey;
 use fe2o3_amqp::acceptor::LinkEndpoint;
 use fe2o3_amqp::link::delivery::Sendable;
-use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, MessageAnnotations, MessageId, Outcome, Properties,
-};
-use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Uuid, Value};
+use fe2o3_amqp::types::messaging::{Body, MessageAnnotations, MessageId, Outcome, Properties};
+use fe2o3_amqp::types::primitives::{OrderedMap, Symbol, Uuid, Value};
 use fe2o3_amqp::{Receiver, Sender};
 use serde_json::Value as Json;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Notify};
-
-/// How many outgoing messages may wait for one twin or methods link.
-const LINK_QUEUE: usize = 64;
-
-/// One identity's links on one connection.
-pub struct Presence {
-    key: IdentityKey,
-    registration_id: u64,
-    /// Twin responses and desired-property notifications, for the twin receiver link.
-    twin_out: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
-    /// Method requests, for the methods receiver link.
-    methods_out: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
-    /// Whether the device asked for desired-property notifications (twin `PUT`).
-    desired: AtomicBool,
-    /// [`Feature`] bits on, for the hub's "can this identity receive …" checks.
-    features: AtomicU8,
-    /// Woken when cloud-to-device messages are queued.
-    c2d: Notify,
-    /// Cleared when the connection ends: links closing after that change nothing.
-    active: AtomicBool,
-}
-
-impl Presence {
-    /// Registers `key` as connected (closing any other connection of it).
-    pub fn register(hub: &Hub, key: &IdentityKey) -> (Arc<Self>, Registration) {
-        let registration = hub.connections().register(key);
-        hub.registry().set_connected(key, true, None);
-        // What an AMQP client receives follows its links, not an earlier session.
-        hub.set_session(key, 0);
-        let presence = Arc::new(Self {
-            key: key.clone(),
-            registration_id: registration.id,
-            twin_out: Mutex::new(None),
-            methods_out: Mutex::new(None),
-            desired: AtomicBool::new(false),
-            features: AtomicU8::new(0),
-            c2d: Notify::new(),
-            active: AtomicBool::new(true),
-        });
-        (presence, registration)
-    }
-
-    /// The connection ended: the identity is disconnected, unless a newer connection took over.
-    pub fn unregister(&self, hub: &Hub) {
-        self.active.store(false, Ordering::Release);
-        if hub
-            .connections()
-            .unregister(&self.key, self.registration_id)
-        {
-            hub.registry().set_connected(&self.key, false, None);
-            hub.set_session(&self.key, 0);
-        }
-    }
-
-    fn set_feature(&self, hub: &Hub, feature: Feature, on: bool) {
-        if !self.active.load(Ordering::Acquire) {
-            return;
-        }
-        let bits = if on {
-            self.features.fetch_or(feature.bit(), Ordering::AcqRel) | feature.bit()
-        } else {
-            self.features.fetch_and(!feature.bit(), Ordering::AcqRel) & !feature.bit()
-        };
-        hub.set_session(&self.key, bits);
-    }
-
-    fn send_on(slot: &Mutex<Option<mpsc::Sender<AmqpMessage>>>, message: AmqpMessage) -> bool {
-        let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().is_some_and(|tx| tx.try_send(message).is_ok())
-    }
-
-    /// Hands one hub event to the link that carries it.
-    fn deliver(&self, hub: &Hub, event: Outbound) {
-        match event {
-            Outbound::DesiredPatch(patch) => {
-                if self.desired.load(Ordering::Acquire)
-                    && Self::send_on(&self.twin_out, data_message(patch.to_string()))
-                {
-                    Metrics::count(&hub.metrics().desired_pushes);
-                }
-            }
-            Outbound::MethodRequest(request) => {
-                Self::send_on(&self.methods_out, method_request(&request));
-            }
-            Outbound::CloudToDevice => self.c2d.notify_one(),
-        }
-    }
-}
-
-/// Forwards the hub's events for one identity to its links until the connection ends; closes
-/// the connection when the hub says so (another connection took over, identity deleted).
-pub async fn deliver_events(
-    conn: Arc<Conn>,
-    presence: Arc<Presence>,
-    mut registration: Registration,
-) {
-    loop {
-        tokio::select! {
-            event = registration.events.recv() => match event {
-                Some(event) => presence.deliver(&conn.hub, event),
-                None => break,
-            },
-            () = registration.close.notified() => {
-                conn.close_with(error(
-                    "amqp:connection:forced",
-                    format!("The connection of {} was closed by the hub (a newer connection, or the identity was deleted or disabled)", presence.key),
-                ));
-                break;
-            }
-        }
-    }
-}
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// Starts the task of a device or module link, once the connection holds a grant for it.
 pub fn route(conn: Arc<Conn>, node: Node, link: LinkEndpoint) {
@@ -202,23 +87,6 @@ pub fn route(conn: Arc<Conn>, node: Node, link: LinkEndpoint) {
             ),
         ),
     }
-}
-
-/// Sends messages from `rx` on `sender` until either ends. Messages go out unsettled or
-/// settled as the link negotiated, without waiting for each one's outcome.
-pub async fn pump(mut sender: Sender, rx: &mut mpsc::Receiver<AmqpMessage>) {
-    loop {
-        let next = tokio::select! {
-            message = rx.recv() => message,
-            _ = sender.on_detach() => None,
-        };
-        let Some(message) = next else { break };
-        let sendable = Sendable::builder().message(message).build();
-        if sender.send_batchable(sendable).await.is_err() {
-            break;
-        }
-    }
-    let _ = sender.close().await;
 }
 
 /// Holds a link open until the client detaches it.
@@ -413,25 +281,6 @@ fn twin_response(
         correlation_id: correlation,
         ..Properties::default()
     });
-    message
-}
-
-/// A method call as the device receives it: the request id as a UUID `correlation_id`,
-/// the method name in `IoThub-methodname`, the payload as JSON in a data section.
-fn method_request(request: &MethodRequest) -> AmqpMessage {
-    let mut id = [0u8; 16];
-    id[8..].copy_from_slice(&request.rid.to_be_bytes());
-    let mut message = data_message(request.payload.to_string());
-    message.properties = Some(Properties {
-        correlation_id: Some(MessageId::Uuid(Uuid::from(id))),
-        ..Properties::default()
-    });
-    let mut properties = OrderedMap::new();
-    properties.insert(
-        "IoThub-methodname".to_owned(),
-        SimpleValue::String(request.name.clone()),
-    );
-    message.application_properties = Some(ApplicationProperties(properties));
     message
 }
 

@@ -7,9 +7,8 @@
 //! its capacity (oldest dropped first); the log's sequence number is each event's sequence
 //! number and offset: increasing within a partition, though not contiguous.
 
-use super::connection::{error, refuse, AmqpMessage, Conn};
-use super::message::{full_message, property_text};
-use super::service::status_reply;
+use super::link::{error, refuse, Conn};
+use super::message::{full_message, property_text, status_reply, AmqpMessage};
 use crate::hub::Hub;
 use crate::telemetry::Message;
 use fe2o3_amqp::acceptor::LinkEndpoint;

@@ -1,11 +1,12 @@
 //! Conversions between AMQP messages and the hub's own message types: telemetry in, cloud-to-
 //! device in (service) and out (device), and the small helpers the links share.
 
-use super::connection::AmqpMessage;
 use crate::c2d::{CloudMessage, DEFAULT_TTL, MAX_TTL};
+use crate::connections::MethodRequest;
 use crate::telemetry::Incoming;
 use bytes::Bytes;
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+use fe2o3_amqp::types::messaging::{AmqpValue, Message};
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, MessageAnnotations, MessageId, Properties,
 };
@@ -324,6 +325,56 @@ pub fn full_message(
         properties: (properties != Properties::default()).then_some(properties),
         application_properties: Some(ApplicationProperties(application)),
         body: data_body(body.to_vec()),
+        footer: None,
+    }
+}
+
+/// An AMQP message as the links pass it around.
+pub type AmqpMessage = Message<Body<Value>>;
+
+/// A method call as the device receives it: the request id as a UUID `correlation_id`,
+/// the method name in `IoThub-methodname`, the payload as JSON in a data section.
+pub fn method_request(request: &MethodRequest) -> AmqpMessage {
+    let mut id = [0u8; 16];
+    id[8..].copy_from_slice(&request.rid.to_be_bytes());
+    let mut message = data_message(request.payload.to_string());
+    message.properties = Some(Properties {
+        correlation_id: Some(MessageId::Uuid(Uuid::from(id))),
+        ..Properties::default()
+    });
+    let mut properties = OrderedMap::new();
+    properties.insert(
+        "IoThub-methodname".to_owned(),
+        SimpleValue::String(request.name.clone()),
+    );
+    message.application_properties = Some(ApplicationProperties(properties));
+    message
+}
+
+/// A management-style reply: `status-code` (int) and `status-description` application
+/// properties, `correlation_id` = the request's `message_id`, and an amqp-value body.
+pub fn status_reply(
+    correlation: Option<MessageId>,
+    status: i32,
+    description: &str,
+    body: Value,
+) -> AmqpMessage {
+    let mut properties = OrderedMap::new();
+    properties.insert("status-code".to_owned(), SimpleValue::Int(status));
+    properties.insert(
+        "status-description".to_owned(),
+        SimpleValue::String(description.to_owned()),
+    );
+    AmqpMessage {
+        header: None,
+        delivery_annotations: None,
+        message_annotations: None,
+        properties: Some(Properties {
+            correlation_id: correlation,
+            ..Properties::default()
+        }),
+        application_properties: Some(ApplicationProperties(properties)),
+        body: Body::Value(AmqpValue(body)),
         footer: None,
     }
 }

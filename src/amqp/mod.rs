@@ -4,14 +4,18 @@
 //! (`shared/protocol-amqp.md`; `docs/amqp.md`).
 //!
 //! The protocol engine is `fe2o3-amqp`'s listener. This module decides what it may do:
-//! - [`connection`]: one task per connection: protocol header, SASL, sessions, and the
-//!   connection's authorisation state (the CBS grants);
+//! - [`connection`]: one task per connection: protocol header, SASL, sessions, and each
+//!   attach handed to the handler of its node;
+//! - [`link`]: what one connection's links share (its authorisation state, the CBS grants,
+//!   reply queues, each device identity's presence), below every handler;
 //! - [`address`]: link addresses parsed into the node they attach to;
 //! - [`cbs`]: SASL mechanisms and token verification;
 //! - [`device`], [`service`], [`eventhub`]: the links of each side, each a task that turns
 //!   AMQP messages into [`Hub`] operations and back;
 //! - [`message`]: conversions between AMQP messages and the hub's message types;
 //! - [`frames`]: a byte-level shim for interop traps of real clients.
+//!
+//! Imports go one way: `connection` → handlers → `link` → `message`, `cbs`, `address`.
 
 pub mod address;
 pub mod cbs;
@@ -19,6 +23,7 @@ mod connection;
 mod device;
 mod eventhub;
 mod frames;
+mod link;
 mod message;
 mod service;
 

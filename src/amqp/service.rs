@@ -2,16 +2,16 @@
 //! `/messages/devicebound`, and delivery feedback on `/messages/serviceBound/feedback`.
 
 use super::cbs::verify_token;
-use super::connection::{error, AmqpMessage, Conn};
-use super::message::{body_bytes, cloud_message_of, data_message, property_text};
+use super::link::{error, Conn};
+use super::message::{
+    body_bytes, cloud_message_of, data_message, property_text, status_reply, AmqpMessage,
+};
 use crate::c2d::MAX_MESSAGE_BYTES;
 use crate::error::HubError;
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::types::definitions;
-use fe2o3_amqp::types::messaging::{
-    AmqpValue, ApplicationProperties, Body, MessageId, Outcome, Properties,
-};
-use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Value};
+use fe2o3_amqp::types::messaging::{AmqpValue, Body, MessageId, Outcome, Properties};
+use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::{Receiver, Sender};
 use std::sync::Arc;
 
@@ -59,34 +59,6 @@ pub async fn cbs_requests(conn: Arc<Conn>, mut receiver: Receiver) {
             .send(status_reply(correlation, status, &description, Value::Null));
     }
     let _ = receiver.close().await;
-}
-
-/// A management-style reply: `status-code` (int) and `status-description` application
-/// properties, `correlation_id` = the request's `message_id`, and an amqp-value body.
-pub fn status_reply(
-    correlation: Option<MessageId>,
-    status: i32,
-    description: &str,
-    body: Value,
-) -> AmqpMessage {
-    let mut properties = OrderedMap::new();
-    properties.insert("status-code".to_owned(), SimpleValue::Int(status));
-    properties.insert(
-        "status-description".to_owned(),
-        SimpleValue::String(description.to_owned()),
-    );
-    AmqpMessage {
-        header: None,
-        delivery_annotations: None,
-        message_annotations: None,
-        properties: Some(Properties {
-            correlation_id: correlation,
-            ..Properties::default()
-        }),
-        application_properties: Some(ApplicationProperties(properties)),
-        body: Body::Value(AmqpValue(body)),
-        footer: None,
-    }
 }
 
 /// The AMQP error for a hub error: IoT Hub's condition for its status, the IoT Hub error code

@@ -1,6 +1,7 @@
 //! The load tool runs every scenario end to end at tiny sizes and writes well-formed JSON.
 //! No timing assertions: on shared machines only the shape of the output is stable.
 
+use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -9,9 +10,19 @@ fn bench_smoke_runs_every_scenario() {
     std::fs::create_dir_all(&dir).unwrap();
     let json_path = dir.join("bench.json");
     let markdown_path = dir.join("bench.md");
-    let output = Command::new(env!("CARGO_BIN_EXE_iothub-bench"))
+    let bench = Path::new(env!("CARGO_BIN_EXE_iothub-bench"));
+    // The emulator is another package of the workspace: `cargo test --workspace` (the test
+    // command) builds its binary into the same directory as this one.
+    let emulator = bench.with_file_name(format!("iothub-emulator{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        emulator.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        emulator.display()
+    );
+    let output = Command::new(bench)
         .arg("--smoke")
-        .args(["--emulator", env!("CARGO_BIN_EXE_iothub-emulator")])
+        .arg("--emulator")
+        .arg(&emulator)
         .arg("--json")
         .arg(&json_path)
         .arg("--markdown")
