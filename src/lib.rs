@@ -89,15 +89,18 @@ pub async fn run(
         name,
         max_connections,
     };
-    let websockets = http::WebSocketServices {
-        mqtt: mqtt::websocket_service(hub.clone()),
-        amqp: amqp::websocket_service(hub.clone()),
+    let mounts = http::Mounts {
+        websockets: http::WebSocketServices {
+            mqtt: mqtt::websocket_service(hub.clone()),
+            amqp: amqp::websocket_service(hub.clone()),
+        },
+        portal: portal::routes(),
     };
     let https = tokio::spawn(http::serve(
         listeners.https,
         acceptor.clone(),
         hub.clone(),
-        websockets,
+        mounts,
         (options("https", limits.https), listeners.http_timeouts),
         stopped(stop_rx.clone()),
     ));

@@ -12,6 +12,7 @@ pub mod body;
 mod control;
 pub mod error;
 mod messages;
+pub mod precondition;
 mod query;
 mod registry;
 mod twins;
@@ -39,8 +40,17 @@ pub struct WebSocketServices {
     pub amqp: StreamService,
 }
 
-/// The service API and the WebSocket endpoint, as one router.
-pub fn router(hub: Hub, websockets: WebSocketServices) -> Router {
+/// What this front end serves without owning it, handed in by [`crate::run`] so that it never
+/// names the other front ends: the stream services behind its WebSocket endpoints, and the
+/// portal's pages and JSON API (served beside the service API, with their own sign-in).
+pub struct Mounts {
+    pub websockets: WebSocketServices,
+    pub portal: Router<Hub>,
+}
+
+/// The service API, the WebSocket endpoints and the mounted routes, as one router.
+pub fn router(hub: Hub, mounts: Mounts) -> Router {
+    let Mounts { websockets, portal } = mounts;
     let service = Router::new()
         .merge(registry::routes())
         .merge(twins::routes())
@@ -57,7 +67,7 @@ pub fn router(hub: Hub, websockets: WebSocketServices) -> Router {
         .route("/$servicebus/websocket/", get(servicebus_websocket))
         .layer(axum::Extension(websockets))
         .merge(control::open_routes())
-        .merge(crate::portal::routes())
+        .merge(portal)
         .merge(service)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -103,10 +113,6 @@ async fn log_request(
 #[derive(Clone)]
 pub struct ClientCert(pub Option<crate::tls::ClientCertInfo>);
 
-/// Largest WebSocket message accepted: IoT Hub's 256 KB message limit plus room for the MQTT
-/// topic and property bag or the AMQP framing around it.
-const MAX_WEBSOCKET_MESSAGE: usize = 256 * 1024 + 8 * 1024 + 16;
-
 /// The WebSocket subprotocol of AMQP over WebSockets.
 const AMQP_WS_PROTOCOL: &str = "AMQPWSB10";
 
@@ -120,7 +126,7 @@ async fn websocket(
     let cert = cert.and_then(|axum::Extension(ClientCert(c))| c);
     let upgrade = upgrade
         .protocols(["mqtt", AMQP_WS_PROTOCOL])
-        .max_message_size(MAX_WEBSOCKET_MESSAGE);
+        .max_message_size(crate::transport::websocket::MAX_MESSAGE_BYTES);
     if upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == AMQP_WS_PROTOCOL.as_bytes())
@@ -142,7 +148,7 @@ async fn servicebus_websocket(
 ) -> Response {
     upgrade
         .protocols([AMQP_WS_PROTOCOL])
-        .max_message_size(MAX_WEBSOCKET_MESSAGE)
+        .max_message_size(crate::transport::websocket::MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| websocket::bridge(socket, "amqp-ws", None, services.amqp))
         .into_response()
 }
@@ -176,11 +182,11 @@ pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
-    websockets: WebSocketServices,
+    mounts: Mounts,
     (options, timeouts): (ListenerOptions, Timeouts),
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let app = router(hub, websockets);
+    let app = router(hub, mounts);
     let handle = move |tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>, peer| {
         // The client certificate of this connection, for X.509 devices on MQTT or AMQP over
         // WebSockets (each request of the connection carries it).

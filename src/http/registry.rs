@@ -4,12 +4,13 @@
 use super::body::{ok, query_string, JsonBody};
 use super::error::HttpResult;
 use super::no_content;
+use super::precondition::{delete_precondition, if_match};
 use crate::error::{ErrorCode, HubError};
 use crate::hub::Hub;
 use crate::registry::{IdentityKey, IfMatch};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -39,11 +40,6 @@ pub fn routes() -> Router<Hub> {
         )
         .route("/statistics/devices", get(device_statistics))
         .route("/statistics/service", get(service_statistics))
-}
-
-/// The `If-Match` precondition of a write ([`IfMatch::from_header`]).
-pub fn if_match(headers: &HeaderMap) -> IfMatch {
-    IfMatch::from_header(headers.get(header::IF_MATCH).map(|v| v.as_bytes()))
 }
 
 #[derive(Deserialize)]
@@ -95,14 +91,6 @@ async fn delete_device(
     hub.registry()
         .delete_device(&id, &delete_precondition(&headers))?;
     Ok(no_content())
-}
-
-/// DELETE without If-Match means "any version", as the SDKs' default `"*"` does.
-fn delete_precondition(headers: &HeaderMap) -> IfMatch {
-    match if_match(headers) {
-        IfMatch::Absent => IfMatch::Any,
-        other => other,
-    }
 }
 
 async fn list_modules(State(hub): State<Hub>, Path(id): Path<String>) -> HttpResult<Response> {

@@ -4,7 +4,7 @@
 
 use super::body::{ok, JsonBody};
 use super::error::HttpResult;
-use super::registry::if_match;
+use super::precondition::if_match;
 use crate::hub::Hub;
 use crate::methods::MethodCall;
 use crate::registry::{IdentityKey, IfMatch};

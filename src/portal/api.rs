@@ -9,12 +9,13 @@ use super::ApiViewer;
 use crate::error::{ErrorCode, HubError};
 use crate::http::body::{ok, query_string, JsonBody};
 use crate::http::error::HttpResult;
+use crate::http::precondition::delete_precondition;
 use crate::hub::{Access, Hub};
 use crate::methods::MethodCall;
 use crate::registry::{IdentityKey, IfMatch};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -186,14 +187,6 @@ async fn update_device(
     }
     let object = device.as_object().cloned().unwrap_or_default();
     Ok(ok(&registry.put_device(&id, &object, &etag)?))
-}
-
-/// DELETE without If-Match means any version, as in the REST API.
-fn delete_precondition(headers: &HeaderMap) -> IfMatch {
-    match IfMatch::from_header(headers.get(header::IF_MATCH).map(|v| v.as_bytes())) {
-        IfMatch::Absent => IfMatch::Any,
-        other => other,
-    }
 }
 
 async fn delete_device(

@@ -8,6 +8,12 @@ use axum::extract::ws::{Message, WebSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
+/// Largest WebSocket message accepted on any endpoint: the largest unit either protocol sends
+/// in one message (an AMQP frame of the 272 KiB we offer as max-frame-size; an MQTT packet is
+/// at most 264 KiB, IoT Hub's 256 KB message plus its topic and property bag) and a little
+/// room. The protocol's own decoder still applies its own limit to what arrives.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 + 16 * 1024 + 16;
+
 /// Serves `socket` with `service` until either side ends. The session runs in its own task, in a
 /// `connection` span like a TLS listener's connections.
 pub async fn bridge(
