@@ -1,30 +1,29 @@
 //! iothub-emulator: a local emulator of Azure IoT Hub.
 //!
 //! # Layout
-//! - [`config`]: flags and the config file, merged into one [`config::Config`].
-//! - [`tls`]: the local CA, the server certificate, client-certificate requests.
-//! - [`transport`]: below the three front ends: the accept loop (TLS handshake, per-listener
-//!   connection limits, a `connection` span per connection) and the WebSocket byte bridge. The
-//!   front ends use it and never each other: [`run`] hands the HTTPS front end the MQTT and
-//!   AMQP stream services its WebSocket endpoints serve.
-//! - [`auth`]: policies, symmetric keys, SAS tokens.
-//! - [`registry`]: device and module identities and their twins (the twin store), sharded per
-//!   device. [`twin`] holds the pure twin-document logic (merge, versions, `$metadata`, limits).
-//! - [`connections`]: live device connections by identity, with bounded event queues, and
-//!   the session state (subscriptions) that outlives them.
-//! - [`methods`]: direct-method calls in flight; [`telemetry`]: the device-to-cloud message
-//!   log; [`c2d`]: cloud-to-device messages (queued in the registry).
-//! - [`query`]: the IoT Hub query language (lexer, parser, evaluator).
-//! - [`hub`]: [`Hub`], the one shared handle: registry + connections + authentication.
-//! - [`http`]: the HTTPS service API, the `/_emulator/` control API, and the
-//!   MQTT-over-WebSockets endpoint on the same port.
-//! - [`mqtt`]: the device-facing MQTT front end.
-//! - [`amqp`]: the AMQP 1.0 front end: devices, the service side (cloud-to-device, feedback)
-//!   and the Event Hub-compatible endpoint.
-//! - [`portal`]: the web portal at `/` (server-rendered pages over the same hub operations).
-//! - [`seed`]: identities declared in the config file; [`store`]: `--data-dir` persistence;
-//!   [`metrics`]: counters for `/_emulator/metrics`.
-//! - [`error`]: IoT Hub's error codes; each front end maps them to its wire in one place.
+//! Layers, bottom up (`docs/architecture.md` has the rule and where a new feature goes; each
+//! module uses only the layers below it):
+//! - foundations: [`error`] (IoT Hub's error codes; each front end maps them to its wire in one
+//!   place), [`timestamp`], [`auth`] (policies, symmetric keys, SAS tokens), [`tls`] (the
+//!   local CA, the server certificate, client-certificate requests), [`store`] (`--data-dir`
+//!   persistence), [`metrics`] (counters for `/_emulator/metrics`).
+//! - documents and languages, pure logic: [`twin`] (merge, versions, `$metadata`, limits),
+//!   [`query`] (the IoT Hub query language), [`c2d`] (cloud-to-device message shapes).
+//! - [`registry`]: device and module identities, their twins (the twin store) and their
+//!   cloud-to-device queues, sharded per device; one file per concern.
+//! - hub operations: [`hub`] ([`Hub`], the one shared handle), [`connections`] (live device
+//!   connections by identity, with bounded event queues, and the session state that outlives
+//!   them), [`methods`] (direct-method calls in flight), [`telemetry`] (the device-to-cloud
+//!   message log), [`config`] and [`seed`] (flags, the config file, the identities it declares).
+//! - [`transport`]: below the front ends: the accept loop (TLS handshake, per-listener
+//!   connection limits, a `connection` span per connection) and the WebSocket byte bridge.
+//! - front ends, which never import each other: [`mqtt`] (device MQTT), [`amqp`] (device AMQP,
+//!   the service side and the Event Hub-compatible endpoint), [`http`] (the HTTPS service API,
+//!   the `/_emulator/` control API, the WebSocket endpoints) and [`portal`] (the web portal at
+//!   `/`, built on `http`'s request helpers). [`run`] wires them: it hands `http` the MQTT and
+//!   AMQP stream services its WebSocket endpoints serve and the portal's routes.
+//!
+//! The load tool is the workspace member `bench/` (`iothub-bench`), outside this crate.
 //!
 //! # Data flow
 //! socket → TLS (in the connection's task) → front end parses into typed requests → [`Hub`] /
