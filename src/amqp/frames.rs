@@ -433,13 +433,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for FullFrames<S> {
                 )));
             }
             if this.read_eof {
-                // Whatever incomplete bytes remain go to the engine, which reports the error.
-                let rest = this.read_raw.split();
-                this.read_ready.unsplit(rest);
-                if this.read_ready.is_empty() {
+                if this.read_raw.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                continue;
+                // The peer closed in the middle of a frame (or of its header). The engine's
+                // decoder panics on some truncated frames (a SASL frame cut after its size
+                // field, found by fuzz/amqp_frames), so it never sees one: the read fails.
+                this.read_raw.clear();
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection in the middle of an AMQP frame",
+                )));
             }
             let mut chunk = [0u8; 8 * 1024];
             let mut chunk_buf = ReadBuf::new(&mut chunk);
@@ -649,6 +653,30 @@ mod tests {
             let mut rest = [0u8; 8];
             let e = shim.read(&mut rest).await.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        }
+    }
+
+    /// A frame cut short by the end of the stream (here a SASL frame whose size field says 6)
+    /// never reaches the engine, whose decoder panicked on it (fuzz/amqp_frames): the complete
+    /// units before it are delivered, then the read fails.
+    #[tokio::test]
+    async fn a_frame_cut_short_by_the_end_of_the_stream_fails_the_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for cut in [
+            &[0u8, 0, 0, 6, 0, 37][..],
+            &[0, 0, 0, 16, 2, 1, 0, 0, 0x00, 0x53],
+        ] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            let mut shim = FullFrames::with_prefix(server, b"AMQP\x03\x01\x00\x00");
+            client.write_all(cut).await.unwrap();
+            drop(client);
+            let mut header = [0u8; 8];
+            shim.read_exact(&mut header).await.unwrap();
+            assert_eq!(&header, b"AMQP\x03\x01\x00\x00");
+            let mut rest = Vec::new();
+            let e = shim.read_to_end(&mut rest).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{cut:?}");
+            assert!(rest.is_empty(), "{cut:?}: {rest:?}");
         }
     }
 }
