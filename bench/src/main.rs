@@ -51,8 +51,9 @@ struct RunArgs {
     /// scenario had errors or produced non-finite numbers.
     #[arg(long)]
     smoke: bool,
-    /// Scenarios to run, comma-separated [default: all]: startup, register, connect, idle,
-    /// twin-get, twin-patch, telemetry, desired-fanout, methods, rest, query.
+    /// Scenarios to run, comma-separated [default: all but soak]: startup, register, connect,
+    /// idle, twin-get, twin-patch, telemetry, desired-fanout, methods, rest, query; and soak
+    /// (long, only when named).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Client counts for twin-get, twin-patch and telemetry [default: 1,100,1000].
@@ -108,6 +109,23 @@ struct RunArgs {
     /// Emulator starts timed by the startup scenario [default: 5].
     #[arg(long)]
     startup_runs: Option<usize>,
+    /// Connected modules of the soak scenario [default: 10000].
+    #[arg(long)]
+    soak_modules: Option<usize>,
+    /// Seconds the soak runs [default: 3600].
+    #[arg(long)]
+    soak_duration: Option<f64>,
+    /// Seconds between two soak samples (RSS, fds, p99) [default: 60].
+    #[arg(long)]
+    soak_interval: Option<f64>,
+    /// Operations per second per soak module (twin GET, reported PATCH, telemetry in turn)
+    /// [default: 0.1].
+    #[arg(long)]
+    soak_rate: Option<f64>,
+    /// Service operations per second of the soak in all (direct methods and desired patches
+    /// in turn) [default: 20].
+    #[arg(long)]
+    soak_service_rate: Option<f64>,
     /// Skip the trivial responder (no emulator ÷ responder ratios).
     #[arg(long)]
     no_responder: bool,
@@ -126,7 +144,8 @@ struct RunArgs {
     /// Write the Markdown report here instead of stdout.
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// Give up after this many seconds in all [default: 300 with --smoke, else 3600].
+    /// Give up after this many seconds in all [default: 300 with --smoke, else 3600; plus the
+    /// soak's duration].
     #[arg(long)]
     timeout: Option<u64>,
     /// Keep the temporary directory (certificates, emulator log).
@@ -187,6 +206,13 @@ fn sizes(a: &RunArgs) -> Sizes {
         query_twins: pick(a.query_twins, 1000, 100_000),
         query_reps: pick(a.query_reps, 2, 5),
         startup_runs: pick(a.startup_runs, 2, 5),
+        soak_modules: pick(a.soak_modules, 10, 10_000),
+        soak_duration: secs(a.soak_duration, 2.0, 3600.0),
+        soak_interval: secs(a.soak_interval, 1.0, 60.0),
+        soak_rate: a.soak_rate.unwrap_or(if smoke { 2.0 } else { 0.1 }),
+        soak_service_rate: a
+            .soak_service_rate
+            .unwrap_or(if smoke { 4.0 } else { 20.0 }),
     }
 }
 
@@ -234,10 +260,11 @@ fn run(args: RunArgs) -> Result<bool> {
         scenarios::ALL.iter().map(|s| (*s).to_owned()).collect()
     } else {
         for s in &args.scenarios {
-            if !scenarios::ALL.contains(&s.as_str()) {
+            if !scenarios::ALL.contains(&s.as_str()) && !scenarios::EXTRA.contains(&s.as_str()) {
                 bail!(
-                    "unknown scenario {s:?}; known: {}",
-                    scenarios::ALL.join(", ")
+                    "unknown scenario {s:?}; known: {}, {}",
+                    scenarios::ALL.join(", "),
+                    scenarios::EXTRA.join(", ")
                 );
             }
         }
@@ -366,7 +393,15 @@ fn run(args: RunArgs) -> Result<bool> {
         None
     };
 
-    let timeout = Duration::from_secs(args.timeout.unwrap_or(if args.smoke { 300 } else { 3600 }));
+    let soak = if on("soak") {
+        sizes.soak_duration
+    } else {
+        Duration::ZERO
+    };
+    let timeout = args.timeout.map_or_else(
+        || Duration::from_secs(if args.smoke { 300 } else { 3600 }) + soak,
+        Duration::from_secs,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -430,6 +465,7 @@ fn run(args: RunArgs) -> Result<bool> {
                     "methods" => scenarios::methods(&ctx, &mut report).await,
                     "rest" => scenarios::rest(&ctx, &mut report).await,
                     "query" => scenarios::query(&ctx, &mut report).await,
+                    "soak" => scenarios::soak(&ctx, &mut report).await,
                     _ => unreachable!("names are checked"),
                 };
                 if let Err(e) = result {

@@ -54,6 +54,13 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// How many file descriptors the process has open (entries of `/proc/{pid}/fd`).
+pub fn fd_count(pid: u32) -> Result<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("reading /proc/{pid}/fd"))?;
+    Ok(dir.count() as u64)
+}
+
 /// The (soft, hard) open-file limits of a process, from `/proc/{pid}/limits`.
 pub fn nofile_limits(pid: &str) -> Option<(u64, u64)> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;

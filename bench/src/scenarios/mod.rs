@@ -15,11 +15,13 @@ mod fanout;
 mod mqtt;
 mod registration;
 mod rest;
+mod soak;
 
 pub use fanout::{desired_fanout, methods};
 pub use mqtt::{connect, idle, round_trips, MqttOp};
 pub use registration::{register, startup};
 pub use rest::{query, rest};
+pub use soak::soak;
 
 /// Every scenario, in run order (`startup` runs before the long-lived emulator starts).
 pub const ALL: [&str; 11] = [
@@ -35,6 +37,9 @@ pub const ALL: [&str; 11] = [
     "rest",
     "query",
 ];
+
+/// Scenarios that run only when named (`--scenarios soak`): they are long.
+pub const EXTRA: [&str; 1] = ["soak"];
 
 /// Sizes of every scenario.
 #[derive(Debug, Clone)]
@@ -59,6 +64,13 @@ pub struct Sizes {
     pub query_twins: usize,
     pub query_reps: usize,
     pub startup_runs: usize,
+    pub soak_modules: usize,
+    pub soak_duration: Duration,
+    pub soak_interval: Duration,
+    /// Operations per second per soak module.
+    pub soak_rate: f64,
+    /// Service operations per second in all (methods and desired patches, alternately).
+    pub soak_service_rate: f64,
 }
 
 impl Sizes {
@@ -80,6 +92,9 @@ impl Sizes {
         }
         if on("methods") {
             n = n.max(self.method_clients);
+        }
+        if on("soak") {
+            n = n.max(self.soak_modules);
         }
         n
     }
