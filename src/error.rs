@@ -24,6 +24,8 @@ pub enum ErrorCode {
     IotHubUnauthorized,
     /// 403004: the device's cloud-to-device queue is full.
     DeviceMaximumQueueDepthExceeded,
+    /// 403006: the device already has the maximum of active file uploads.
+    DeviceMaximumActiveFileUploadLimitExceeded,
     /// 403012: the device is disabled.
     DeviceDisabled,
     /// 404001: no such device.
@@ -42,6 +44,8 @@ pub enum ErrorCode {
     ModuleAlreadyExistsOnDevice,
     /// 412001: the If-Match etag does not match.
     PreconditionFailed,
+    /// 412002: the lock token of a cloud-to-device message is unknown or its lock lapsed.
+    DeviceMessageLockLost,
     /// 413001: a message or request body is too large.
     MessageTooLarge,
     /// 413003: the device already has the maximum number of modules.
@@ -63,6 +67,9 @@ impl ErrorCode {
             Self::IotHubUnauthorizedAccess => "IotHubUnauthorizedAccess",
             Self::IotHubUnauthorized => "IotHubUnauthorized",
             Self::DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
+            Self::DeviceMaximumActiveFileUploadLimitExceeded => {
+                "DeviceMaximumActiveFileUploadLimitExceeded"
+            }
             Self::DeviceDisabled => "DeviceDisabled",
             Self::DeviceNotFound => "DeviceNotFound",
             Self::ModuleNotFound => "ModuleNotFound",
@@ -72,6 +79,7 @@ impl ErrorCode {
             Self::DeviceAlreadyExists => "DeviceAlreadyExists",
             Self::ModuleAlreadyExistsOnDevice => "ModuleAlreadyExistsOnDevice",
             Self::PreconditionFailed => "PreconditionFailed",
+            Self::DeviceMessageLockLost => "DeviceMessageLockLost",
             Self::MessageTooLarge => "MessageTooLarge",
             Self::TooManyModulesOnDevice => "TooManyModulesOnDevice",
             Self::ServerError => "ServerError",
@@ -89,6 +97,7 @@ impl ErrorCode {
             Self::IotHubUnauthorizedAccess => 401_002,
             Self::IotHubUnauthorized => 401_003,
             Self::DeviceMaximumQueueDepthExceeded => 403_004,
+            Self::DeviceMaximumActiveFileUploadLimitExceeded => 403_006,
             Self::DeviceDisabled => 403_012,
             Self::DeviceNotFound => 404_001,
             Self::ModuleNotFound => 404_010,
@@ -98,6 +107,7 @@ impl ErrorCode {
             Self::DeviceAlreadyExists => 409_001,
             Self::ModuleAlreadyExistsOnDevice => 409_301,
             Self::PreconditionFailed => 412_001,
+            Self::DeviceMessageLockLost => 412_002,
             Self::MessageTooLarge => 413_001,
             Self::TooManyModulesOnDevice => 413_003,
             Self::ServerError => 500_001,

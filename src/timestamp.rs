@@ -37,6 +37,16 @@ impl Timestamp {
     }
 }
 
+impl From<std::time::SystemTime> for Timestamp {
+    fn from(t: std::time::SystemTime) -> Self {
+        let t = OffsetDateTime::from(t);
+        Self(Some(
+            t.replace_nanosecond(t.nanosecond() / 100 * 100)
+                .unwrap_or(t),
+        ))
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(t) = self.0 else {

@@ -357,6 +357,12 @@ fn run(args: RunArgs) -> Result<bool> {
         .arg("--certs-dir")
         .arg(&certs)
         .env("RUST_LOG", &args.emulator_log);
+    // The emulator caps connections per listener from its open-file limit (about 9,300 MQTT
+    // connections at 20,000 fds); a fleet larger than that is asked for explicitly.
+    let fleet = sizes.fleet(&selected).max(sizes.idle_clients);
+    if fleet > 8000 {
+        command.args(["--max-connections", &(fleet + 1000).to_string()]);
+    }
     let emu_process = ServerProcess::spawn(
         "emulator",
         command,

@@ -10,6 +10,7 @@
 mod auth;
 pub mod body;
 mod control;
+mod device;
 pub mod error;
 mod messages;
 pub mod precondition;
@@ -67,6 +68,8 @@ pub fn router(hub: Hub, mounts: Mounts) -> Router {
         .route("/$servicebus/websocket/", get(servicebus_websocket))
         .layer(axum::Extension(websockets))
         .merge(control::open_routes())
+        // The device API authenticates the identity each path names, not a service policy.
+        .merge(device::routes())
         .merge(portal)
         .merge(service)
         .fallback(not_found)

@@ -40,6 +40,7 @@ impl Registry {
                         twin: Twin::new(),
                         modules: BTreeMap::new(),
                         c2d: VecDeque::new(),
+                        http_locks: Default::default(),
                         deleted: false,
                     };
                     self.add_edge_modules(&mut record);

@@ -140,6 +140,10 @@ struct DeviceRecord {
     modules: BTreeMap<String, ModuleRecord>,
     /// Cloud-to-device messages waiting for the device, oldest first.
     c2d: VecDeque<CloudMessage>,
+    /// Messages a device received over HTTPS and has not settled yet: lock token → its lock.
+    /// Not persisted: after a restart every message is deliverable again.
+    #[serde(skip)]
+    http_locks: std::collections::HashMap<u64, queues::HttpLock>,
     #[serde(skip)]
     deleted: bool,
 }

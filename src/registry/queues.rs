@@ -5,6 +5,19 @@ use crate::c2d::{self, CloudMessage};
 use crate::error::{ErrorCode, HubError, HubResult};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// A message received over HTTPS, locked for the device until it settles it or the lock lapses
+/// (then it can be delivered again, on any protocol).
+#[derive(Debug, Clone)]
+pub struct HttpLock {
+    /// The lock token the device got in `ETag` and settles with.
+    pub etag: String,
+    pub until: Instant,
+}
+
+/// How long a message received over HTTPS stays locked (IoT Hub's C2D lock timeout, 60 s).
+pub const HTTP_LOCK: Duration = Duration::from_secs(60);
 
 impl Registry {
     /// Queues a message for a device.
@@ -45,18 +58,94 @@ impl Registry {
         )
     }
 
-    /// Unexpired messages waiting for a device, except those in `in_flight`, oldest first.
+    /// Unexpired messages waiting for a device, except those in `in_flight` and those locked
+    /// by an HTTPS receive, oldest first.
     pub fn pending_c2d(&self, device_id: &str, in_flight: &HashSet<u64>) -> Vec<CloudMessage> {
+        let now = Instant::now();
         self.with_device(device_id, |rec| {
             rec.purge_expired_c2d();
             Ok(rec
                 .c2d
                 .iter()
                 .filter(|m| !in_flight.contains(&m.lock_token))
+                .filter(|m| {
+                    rec.http_locks
+                        .get(&m.lock_token)
+                        .is_none_or(|l| l.until <= now)
+                })
                 .cloned()
                 .collect())
         })
         .unwrap_or_default()
+    }
+
+    /// An HTTPS receive (`GET /devices/{id}/messages/deviceBound`): the oldest message that is
+    /// neither locked nor `in_flight` on a device connection, locked for [`HTTP_LOCK`] under a
+    /// new lock token. `None` when nothing is waiting.
+    ///
+    /// # Errors
+    /// 404001 for an unknown device.
+    pub fn lock_c2d(
+        &self,
+        device_id: &str,
+        in_flight: &HashSet<u64>,
+    ) -> HubResult<Option<(CloudMessage, String)>> {
+        let now = Instant::now();
+        self.change_device(
+            device_id,
+            |rec| {
+                rec.purge_expired_c2d();
+                rec.http_locks.retain(|_, l| l.until > now);
+                let Some(message) = rec.c2d.iter().find(|m| {
+                    !in_flight.contains(&m.lock_token)
+                        && !rec.http_locks.contains_key(&m.lock_token)
+                }) else {
+                    return Ok(None);
+                };
+                let message = message.clone();
+                let etag = uuid_like();
+                rec.http_locks.insert(
+                    message.lock_token,
+                    HttpLock {
+                        etag: etag.clone(),
+                        until: now + HTTP_LOCK,
+                    },
+                );
+                Ok(Some((message, etag)))
+            },
+            |_| {},
+        )
+    }
+
+    /// Ends the HTTPS lock named `etag` (the device is settling the message) and returns the
+    /// message's queue lock token.
+    ///
+    /// # Errors
+    /// 404001 for an unknown device; 412002 when no live lock has that token.
+    pub fn unlock_c2d(&self, device_id: &str, etag: &str) -> HubResult<u64> {
+        let now = Instant::now();
+        self.change_device(
+            device_id,
+            |rec| {
+                rec.http_locks.retain(|_, l| l.until > now);
+                let token = rec
+                    .http_locks
+                    .iter()
+                    .find(|(_, l)| l.etag == etag)
+                    .map(|(t, _)| *t)
+                    .ok_or_else(|| {
+                        HubError::new(
+                            ErrorCode::DeviceMessageLockLost,
+                            format!(
+                                "No cloud-to-device message of device {device_id} is locked with lock token '{etag}' (unknown, already settled, or its lock lapsed)"
+                            ),
+                        )
+                    })?;
+                rec.http_locks.remove(&token);
+                Ok(token)
+            },
+            |_| {},
+        )
     }
 
     /// The device completed (acknowledged) or rejected a message: it leaves the queue.
@@ -67,6 +156,7 @@ impl Registry {
             |rec| {
                 let at = rec.c2d.iter().position(|m| m.lock_token == lock_token);
                 let removed = at.and_then(|i| rec.c2d.remove(i));
+                rec.http_locks.remove(&lock_token);
                 rec.device.common.c2d_count = rec.c2d.len() as u32;
                 Ok(removed)
             },
@@ -99,4 +189,17 @@ impl Registry {
         .ok()
         .flatten()
     }
+}
+
+/// A random lock token in the GUID form IoT Hub uses.
+fn uuid_like() -> String {
+    let n = rand::random::<u128>();
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        n >> 96,
+        (n >> 80) & 0xffff,
+        (n >> 64) & 0xffff,
+        (n >> 48) & 0xffff,
+        n & 0xffff_ffff_ffff
+    )
 }

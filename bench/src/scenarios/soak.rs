@@ -67,6 +67,17 @@ pub async fn soak(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let target = &ctx.emulator;
     let n = fd_budget(target.pid, ctx.sizes.soak_modules).max(1);
     let (conns, connected) = connect_all(ctx, target, n, ctx.sizes.connect_concurrency).await?;
+    // The service calls only modules that connected (a failed connect is already an error).
+    let online: Arc<Vec<usize>> = Arc::new(
+        conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|_| i))
+            .collect(),
+    );
+    if online.is_empty() {
+        anyhow::bail!("no soak module connected: {:?}", connected.error_samples);
+    }
     let tally = Arc::new(Tally::default());
     tally.device(|o| o.merge(connected));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -113,9 +124,10 @@ pub async fn soak(ctx: &Ctx, report: &mut Report) -> Result<()> {
         Duration::from_secs_f64(workers as f64 / ctx.sizes.soak_service_rate.max(0.001));
     for (w, http) in pool.into_iter().enumerate() {
         let (tally, stop_rx, fleet) = (Arc::clone(&tally), stop_rx.clone(), Arc::clone(&ctx.fleet));
+        let online = Arc::clone(&online);
         service.spawn(async move {
             let pick = move |k: usize| {
-                let id = &fleet[(w + k * workers * 7919) % n];
+                let id = &fleet[online[(w + k * workers * 7919) % online.len()]];
                 (id.device.clone(), id.module.clone())
             };
             service_worker(http, pick, service_period, &tally, stop_rx).await;
