@@ -73,7 +73,9 @@ async fn telemetry_single_and_batch_enter_the_log_with_their_properties() {
 
     let batch = json!([
         {"body": "b25l", "base64Encoded": true, "properties": {"iothub-app-n": "1", "iothub-messageid": "b-1"}},
-        {"body": "dHdv", "base64Encoded": true}
+        // The Node SDK's form: no base64Encoded, the body is base64 all the same.
+        {"body": "dHdv"},
+        {"body": "plain", "base64Encoded": false}
     ]);
     let (status, _, body) = device_request(
         &hub,
@@ -87,7 +89,7 @@ async fn telemetry_single_and_batch_enter_the_log_with_their_properties() {
     assert_eq!(status, 204, "{body}");
 
     let messages = telemetry_of(&hub, "h1").await;
-    assert_eq!(messages.len(), 3);
+    assert_eq!(messages.len(), 4);
     let first = &messages[0];
     assert_eq!(first["body"], r#"{"t":21}"#);
     let sys = &first["systemProperties"];
@@ -101,6 +103,7 @@ async fn telemetry_single_and_batch_enter_the_log_with_their_properties() {
     assert_eq!(messages[1]["systemProperties"]["message-id"], "b-1");
     assert_eq!(messages[1]["properties"], json!({"n": "1"}));
     assert_eq!(messages[2]["body"], "two");
+    assert_eq!(messages[3]["body"], "plain");
 
     // A module sends as itself.
     let mkey = hub.module("h1", "m").await;
@@ -116,7 +119,7 @@ async fn telemetry_single_and_batch_enter_the_log_with_their_properties() {
     .await;
     assert_eq!(status, 204);
     let messages = telemetry_of(&hub, "h1").await;
-    assert_eq!(messages[3]["moduleId"], "m");
+    assert_eq!(messages[4]["moduleId"], "m");
 }
 
 #[tokio::test]

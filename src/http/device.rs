@@ -225,10 +225,15 @@ fn system_key(name: &str) -> Option<&'static str> {
 struct BatchMessage {
     #[serde(default)]
     body: Value,
-    #[serde(default, rename = "base64Encoded")]
+    /// The Node SDK leaves it out and sends base64: a body is base64 unless it says otherwise.
+    #[serde(default = "base64_by_default", rename = "base64Encoded")]
     base64_encoded: bool,
     #[serde(default)]
     properties: HashMap<String, Value>,
+}
+
+fn base64_by_default() -> bool {
+    true
 }
 
 /// A batch body: a JSON array of messages. Each property is an application property, except
