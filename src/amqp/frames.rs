@@ -105,7 +105,16 @@ fn next_unit(buf: &[u8]) -> Option<Unit> {
     if size > MAX_INSPECTED_FRAME {
         return Some(Unit::Opaque);
     }
-    (buf.len() >= size).then_some(Unit::Frame(size))
+    if buf.len() < size {
+        return None;
+    }
+    // The performative (the body's first value; a transfer's payload follows it) must be well
+    // formed before the engine decodes it. An empty body is a heartbeat.
+    let body = &buf[doff..size];
+    if !body.is_empty() && well_formed(body, 0).is_none() {
+        return Some(Unit::Malformed);
+    }
+    Some(Unit::Frame(size))
 }
 
 /// Frame type (0 = AMQP, 1 = SASL), channel, and the performative's descriptor code, if the
@@ -152,6 +161,60 @@ fn value_len(buf: &[u8]) -> Option<usize> {
             (buf.len() >= 5 + n).then_some(5 + n)
         }
         _ => None,
+    }
+}
+
+/// Whether the encoded AMQP value at the start of `buf` is well formed as far as sizes go:
+/// every variable-width, compound or array value's declared size fits in what is there, and no
+/// compound or array declares more elements than it has bytes. The engine's decoder allocates
+/// a buffer of the declared size before it reads (serde_amqp's `IoReader::fill_buffer`), so a
+/// 40-byte frame declaring a 3.6 GB symbol made it allocate 3.6 GB (found by the
+/// `amqp_frames` fuzz target). Returns the value's length.
+fn well_formed(buf: &[u8], depth: usize) -> Option<usize> {
+    if depth > 32 {
+        return None;
+    }
+    let code = *buf.first()?;
+    match code {
+        0x00 => {
+            let d = well_formed(&buf[1..], depth + 1)?;
+            let v = well_formed(&buf[1 + d..], depth + 1)?;
+            Some(1 + d + v)
+        }
+        0xc0..=0xcf | 0xd0..=0xdf => {
+            let wide = code >= 0xd0;
+            let (size, count, head) = if wide {
+                let size = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
+                let count = u32::from_be_bytes(buf.get(5..9)?.try_into().ok()?) as usize;
+                (size, count, 5usize)
+            } else {
+                (*buf.get(1)? as usize, *buf.get(2)? as usize, 2usize)
+            };
+            let counted = if wide { 4 } else { 1 };
+            let end = head.checked_add(size)?;
+            if end > buf.len() || count > size || size < counted {
+                return None;
+            }
+            // Walk the elements: each must fit inside the compound.
+            let mut at = head + counted;
+            for _ in 0..count {
+                at += well_formed(buf.get(at..end)?, depth + 1)?;
+            }
+            Some(end)
+        }
+        0xe0..=0xef | 0xf0..=0xff => {
+            let wide = code >= 0xf0;
+            let (size, count, head) = if wide {
+                let size = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
+                let count = u32::from_be_bytes(buf.get(5..9)?.try_into().ok()?) as usize;
+                (size, count, 5usize)
+            } else {
+                (*buf.get(1)? as usize, *buf.get(2)? as usize, 2usize)
+            };
+            let end = head.checked_add(size)?;
+            (end <= buf.len() && count <= size).then_some(end)
+        }
+        _ => value_len(buf),
     }
 }
 
@@ -654,6 +717,42 @@ mod tests {
             let e = shim.read(&mut rest).await.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}");
         }
+    }
+
+    /// Found by the `amqp_frames` fuzz target: a 40-byte frame whose performative declares a
+    /// 3.6 GB symbol made the engine allocate that much before reading. Such a frame is a
+    /// framing error now; well-formed performatives still pass.
+    #[test]
+    fn declared_sizes_beyond_the_frame_are_malformed() {
+        let mut input = vec![0x00, 0x00, 0x00, 0x28, 0x02, 0x00, 0x32, 0x75];
+        input.extend_from_slice(&[0x00, 0xb3, 0xd9, 0x10, 0x1d, 0xc0]);
+        input.resize(0x28, 0xd9);
+        assert!(matches!(next_unit(&input), Some(Unit::Malformed)));
+        // A list claiming more elements than bytes, and an array of four billion nulls.
+        for body in [
+            vec![0x00, 0x53, 0x10, 0xc0, 0x02, 0x09, 0x40],
+            vec![
+                0x00, 0x53, 0x10, 0xf0, 0x00, 0x00, 0x00, 0x05, 0xff, 0xff, 0xff, 0xff, 0x40,
+            ],
+            vec![
+                0x00, 0x53, 0x10, 0xd0, 0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x01,
+            ],
+        ] {
+            let f = frame(0, 0, &body);
+            assert!(
+                matches!(next_unit(&f), Some(Unit::Malformed)),
+                "{body:02x?}"
+            );
+        }
+        // An open with a container id, and a heartbeat, are fine.
+        let open = frame(
+            0,
+            0,
+            &[0x00, 0x53, 0x10, 0xc0, 0x04, 0x01, 0xa1, 0x01, b'c'],
+        );
+        assert!(matches!(next_unit(&open), Some(Unit::Frame(_))));
+        let heartbeat = frame(0, 0, &[]);
+        assert!(matches!(next_unit(&heartbeat), Some(Unit::Frame(8))));
     }
 
     /// A frame cut short by the end of the stream (here a SASL frame whose size field says 6)
