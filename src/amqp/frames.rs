@@ -181,7 +181,7 @@ fn well_formed(buf: &[u8], depth: usize) -> Option<usize> {
             let v = well_formed(&buf[1 + d..], depth + 1)?;
             Some(1 + d + v)
         }
-        0xc0..=0xcf | 0xd0..=0xdf => {
+        0xc0..=0xdf => {
             let wide = code >= 0xd0;
             let (size, count, head) = if wide {
                 let size = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
@@ -202,7 +202,7 @@ fn well_formed(buf: &[u8], depth: usize) -> Option<usize> {
             }
             Some(end)
         }
-        0xe0..=0xef | 0xf0..=0xff => {
+        0xe0..=0xff => {
             let wide = code >= 0xf0;
             let (size, count, head) = if wide {
                 let size = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
