@@ -237,6 +237,19 @@ mod tests {
     }
 }
 
+/// A random lock token in the GUID form IoT Hub uses (feedback batches, HTTPS receives).
+pub fn lock_token() -> String {
+    let n = rand::random::<u128>();
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        n >> 96,
+        (n >> 80) & 0xffff,
+        (n >> 64) & 0xffff,
+        (n >> 48) & 0xffff,
+        n & 0xffff_ffff_ffff
+    )
+}
+
 /// How a device settled a delivered message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settlement {
@@ -341,15 +354,7 @@ impl Feedback {
         if batch.is_empty() {
             return None;
         }
-        let n = rand::random::<u128>();
-        let token = format!(
-            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-            n >> 96,
-            (n >> 80) & 0xffff,
-            (n >> 64) & 0xffff,
-            (n >> 48) & 0xffff,
-            n & 0xffff_ffff_ffff
-        );
+        let token = lock_token();
         self.locked
             .lock()
             .unwrap_or_else(|p| p.into_inner())

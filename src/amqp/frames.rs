@@ -182,15 +182,7 @@ fn well_formed(buf: &[u8], depth: usize) -> Option<usize> {
             Some(1 + d + v)
         }
         0xc0..=0xdf => {
-            let wide = code >= 0xd0;
-            let (size, count, head) = if wide {
-                let size = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
-                let count = u32::from_be_bytes(buf.get(5..9)?.try_into().ok()?) as usize;
-                (size, count, 5usize)
-            } else {
-                (*buf.get(1)? as usize, *buf.get(2)? as usize, 2usize)
-            };
-            let counted = if wide { 4 } else { 1 };
+            let (size, count, head, counted) = sized_header(buf, code >= 0xd0)?;
             let end = head.checked_add(size)?;
             if end > buf.len() || count > size || size < counted {
                 return None;
@@ -203,18 +195,23 @@ fn well_formed(buf: &[u8], depth: usize) -> Option<usize> {
             Some(end)
         }
         0xe0..=0xff => {
-            let wide = code >= 0xf0;
-            let (size, count, head) = if wide {
-                let size = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
-                let count = u32::from_be_bytes(buf.get(5..9)?.try_into().ok()?) as usize;
-                (size, count, 5usize)
-            } else {
-                (*buf.get(1)? as usize, *buf.get(2)? as usize, 2usize)
-            };
+            let (size, count, head, _) = sized_header(buf, code >= 0xf0)?;
             let end = head.checked_add(size)?;
             (end <= buf.len() && count <= size).then_some(end)
         }
         _ => value_len(buf),
+    }
+}
+
+/// A compound's or array's (size, count, bytes before the size's span, width of the count):
+/// one-byte fields for the 8-bit encodings, four-byte ones for the 32-bit encodings.
+fn sized_header(buf: &[u8], wide: bool) -> Option<(usize, usize, usize, usize)> {
+    if wide {
+        let size = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
+        let count = u32::from_be_bytes(buf.get(5..9)?.try_into().ok()?) as usize;
+        Some((size, count, 5, 4))
+    } else {
+        Some((*buf.get(1)? as usize, *buf.get(2)? as usize, 2, 1))
     }
 }
 

@@ -103,7 +103,7 @@ impl Registry {
                     return Ok(None);
                 };
                 let message = message.clone();
-                let etag = uuid_like();
+                let etag = c2d::lock_token();
                 rec.http_locks.insert(
                     message.lock_token,
                     HttpLock {
@@ -189,17 +189,4 @@ impl Registry {
         .ok()
         .flatten()
     }
-}
-
-/// A random lock token in the GUID form IoT Hub uses.
-fn uuid_like() -> String {
-    let n = rand::random::<u128>();
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        n >> 96,
-        (n >> 80) & 0xffff,
-        (n >> 64) & 0xffff,
-        (n >> 48) & 0xffff,
-        n & 0xffff_ffff_ffff
-    )
 }
