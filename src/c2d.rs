@@ -264,162 +264,29 @@ pub enum Settlement {
 /// Most feedback records kept for the service to collect; older ones are dropped.
 pub const FEEDBACK_CAPACITY: usize = 1000;
 
-/// Delivery feedback (`iothub-ack`) waiting for the service on
-/// `/messages/serviceBound/feedback`, as IoT Hub's feedback records.
-#[derive(Default)]
-pub struct Feedback {
-    records: std::sync::Mutex<std::collections::VecDeque<Value>>,
-    arrived: tokio::sync::Notify,
-    /// Batches handed out over HTTPS (`GET /messages/serviceBound/feedback`) and not yet
-    /// completed or abandoned: lock token → (records, when the lock lapses).
-    locked: std::sync::Mutex<std::collections::HashMap<String, (Vec<Value>, std::time::Instant)>>,
-}
-
-/// How long a feedback batch received over HTTPS stays locked before it is offered again
-/// (IoT Hub's default lock timeout, 60 s).
-pub const FEEDBACK_LOCK: Duration = Duration::from_secs(60);
-
-impl Feedback {
-    /// Records the outcome `status` (`Success`, `Rejected`, `DeliveryCountExceeded`) of
-    /// `message`, if its `iothub-ack` asked for that kind of outcome.
-    pub fn record(
-        &self,
-        message: &CloudMessage,
-        status: &str,
-        device_id: &str,
-        generation_id: &str,
-    ) {
-        let wanted = match message.ack.as_deref() {
-            Some("full") => true,
-            Some("positive") => status == "Success",
-            Some("negative") => status != "Success",
-            _ => false,
-        };
-        if !wanted {
-            return;
-        }
-        let record = serde_json::json!({
+/// The delivery feedback record (`iothub-ack`) for outcome `status` (`Success`, `Rejected`,
+/// `DeliveryCountExceeded`) of `message`, as IoT Hub's feedback records, if its `iothub-ack`
+/// asked for that kind of outcome.
+pub fn feedback_record(
+    message: &CloudMessage,
+    status: &str,
+    device_id: &str,
+    generation_id: &str,
+) -> Option<Value> {
+    let wanted = match message.ack.as_deref() {
+        Some("full") => true,
+        Some("positive") => status == "Success",
+        Some("negative") => status != "Success",
+        _ => false,
+    };
+    wanted.then(|| {
+        serde_json::json!({
             "originalMessageId": message.message_id,
             "enqueuedTimeUtc": crate::timestamp::Timestamp::now(),
             "statusCode": status,
             "description": status,
             "deviceId": device_id,
             "deviceGenerationId": generation_id,
-        });
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        if records.len() >= FEEDBACK_CAPACITY {
-            records.pop_front();
-        }
-        records.push_back(record);
-        drop(records);
-        self.arrived.notify_waiters();
-    }
-
-    /// Waits for records and takes up to `max` of them, oldest first.
-    pub async fn take(&self, max: usize) -> Vec<Value> {
-        loop {
-            let arrived = self.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            {
-                let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-                if !records.is_empty() {
-                    let n = records.len().min(max);
-                    return records.drain(..n).collect();
-                }
-            }
-            arrived.await;
-        }
-    }
-
-    /// Puts records the service did not accept back at the front.
-    pub fn give_back(&self, batch: Vec<Value>) {
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        for record in batch.into_iter().rev() {
-            records.push_front(record);
-        }
-        drop(records);
-        self.arrived.notify_waiters();
-    }
-
-    /// Takes up to `max` records under a new lock token (an HTTPS receive), or `None` when
-    /// there are none. Batches whose lock lapsed are offered again first.
-    pub fn lock_batch(&self, max: usize) -> Option<(String, Vec<Value>)> {
-        self.release_lapsed();
-        let batch: Vec<Value> = {
-            let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-            let n = records.len().min(max);
-            records.drain(..n).collect()
-        };
-        if batch.is_empty() {
-            return None;
-        }
-        let token = lock_token();
-        self.locked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                token.clone(),
-                (batch.clone(), std::time::Instant::now() + FEEDBACK_LOCK),
-            );
-        Some((token, batch))
-    }
-
-    /// Completes a batch received over HTTPS; `false` for an unknown or lapsed lock token.
-    pub fn complete(&self, token: &str) -> bool {
-        self.release_lapsed();
-        self.locked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(token)
-            .is_some()
-    }
-
-    /// Gives a batch received over HTTPS back; `false` for an unknown or lapsed lock token.
-    pub fn abandon(&self, token: &str) -> bool {
-        self.release_lapsed();
-        let batch = self
-            .locked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(token);
-        match batch {
-            Some((batch, _)) => {
-                self.give_back(batch);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Puts the batches whose lock lapsed back in the queue.
-    fn release_lapsed(&self) {
-        let now = std::time::Instant::now();
-        let lapsed: Vec<Vec<Value>> = {
-            let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
-            let tokens: Vec<String> = locked
-                .iter()
-                .filter(|(_, (_, until))| *until <= now)
-                .map(|(t, _)| t.clone())
-                .collect();
-            tokens
-                .iter()
-                .filter_map(|t| locked.remove(t).map(|(batch, _)| batch))
-                .collect()
-        };
-        for batch in lapsed {
-            self.give_back(batch);
-        }
-    }
-
-    pub fn clear(&self) {
-        self.records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.locked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
+        })
+    })
 }

@@ -113,12 +113,24 @@ pub struct ConfigFile {
     pub trusted_ca_files: Vec<PathBuf>,
     #[serde(default)]
     pub policies: Vec<PolicyEntry>,
+    /// Where file uploads go (flags override it).
+    pub file_upload: Option<FileUploadEntry>,
     /// Devices (and their modules) that exist from the start.
     #[serde(default)]
     pub devices: Vec<toml::Spanned<SeedDevice>>,
     /// Where the file came from and its text, for line numbers in seed errors.
     #[serde(skip)]
     source: (String, String),
+}
+
+/// The `[file_upload]` table: IoT Hub's file-upload settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUploadEntry {
+    /// A storage connection string, or `none` to turn file upload off.
+    pub connection_string: Option<String>,
+    /// The blob container uploads go to.
+    pub container: Option<String>,
 }
 
 /// A policy in the config file. A name that exists replaces that policy's key (and its

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     ArgumentNull,
     /// 400011: an identity id breaks IoT Hub's id rules.
     InvalidDeviceId,
+    /// 400022: file upload is not configured, or its storage container cannot be used.
+    BlobContainerValidationError,
     /// 401002: the credentials are valid but do not grant this operation, or are wrong.
     IotHubUnauthorizedAccess,
     /// 401003: the token is malformed or expired.
@@ -64,6 +66,7 @@ impl ErrorCode {
             Self::ArgumentInvalid => "ArgumentInvalid",
             Self::ArgumentNull => "ArgumentNull",
             Self::InvalidDeviceId => "InvalidDeviceId",
+            Self::BlobContainerValidationError => "BlobContainerValidationError",
             Self::IotHubUnauthorizedAccess => "IotHubUnauthorizedAccess",
             Self::IotHubUnauthorized => "IotHubUnauthorized",
             Self::DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
@@ -94,6 +97,7 @@ impl ErrorCode {
             Self::ArgumentInvalid => 400_004,
             Self::ArgumentNull => 400_005,
             Self::InvalidDeviceId => 400_011,
+            Self::BlobContainerValidationError => 400_022,
             Self::IotHubUnauthorizedAccess => 401_002,
             Self::IotHubUnauthorized => 401_003,
             Self::DeviceMaximumQueueDepthExceeded => 403_004,

@@ -36,7 +36,10 @@ struct Inner {
     /// Counters and histograms for `/_emulator/metrics`; atomics only.
     metrics: crate::metrics::Metrics,
     /// Cloud-to-device delivery feedback waiting for the service (AMQP).
-    feedback: crate::c2d::Feedback,
+    feedback: crate::outbox::Outbox,
+    /// File uploads in progress and their notifications; configured once at start-up
+    /// ([`Hub::set_file_uploads`]), not configured until then.
+    uploads: std::sync::OnceLock<crate::uploads::FileUploads>,
     /// The Event Hub-compatible endpoint's entity name (the hub name).
     event_hub_name: String,
     /// The CA certificate (PEM) clients trust, served by the control API. Set once at start-up.
@@ -111,8 +114,9 @@ impl Hub {
                 methods: Methods::default(),
                 telemetry: TelemetryLog::new(config.telemetry_capacity),
                 metrics: crate::metrics::Metrics::default(),
-                feedback: crate::c2d::Feedback::default(),
+                feedback: crate::outbox::Outbox::new(crate::c2d::FEEDBACK_CAPACITY),
                 event_hub_name: config.hub_name(),
+                uploads: std::sync::OnceLock::new(),
                 ca_pem: std::sync::OnceLock::new(),
                 amqp_port: std::sync::OnceLock::new(),
                 policies: config.policies.clone(),
@@ -145,7 +149,7 @@ impl Hub {
         &self.inner.telemetry
     }
 
-    pub fn feedback(&self) -> &crate::c2d::Feedback {
+    pub fn feedback(&self) -> &crate::outbox::Outbox {
         &self.inner.feedback
     }
 
@@ -176,6 +180,21 @@ impl Hub {
     /// The AMQP/TLS port clients are redirected to (5671 until the listener is bound).
     pub fn amqp_port(&self) -> u16 {
         self.inner.amqp_port.get().copied().unwrap_or(5671)
+    }
+
+    /// Configures file upload (the blob store and container). Set once, at start-up.
+    pub fn set_file_uploads(&self, settings: crate::uploads::Settings) {
+        let _ = self
+            .inner
+            .uploads
+            .set(crate::uploads::FileUploads::new(Some(settings)));
+    }
+
+    /// File uploads: those in progress, and the notifications waiting for the service.
+    pub fn file_uploads(&self) -> &crate::uploads::FileUploads {
+        self.inner
+            .uploads
+            .get_or_init(|| crate::uploads::FileUploads::new(None))
     }
 
     pub fn set_ca_pem(&self, pem: String) {
@@ -275,9 +294,11 @@ impl Hub {
                         .map(str::to_owned)
                 })
                 .unwrap_or_default();
-            self.inner
-                .feedback
-                .record(&message, status, device_id, &generation);
+            if let Some(record) =
+                crate::c2d::feedback_record(&message, status, device_id, &generation)
+            {
+                self.inner.feedback.push(record);
+            }
         }
     }
 
@@ -308,6 +329,7 @@ impl Hub {
         self.inner.methods.clear();
         self.inner.telemetry.clear();
         self.inner.feedback.clear();
+        self.file_uploads().clear();
         if let Err(e) = self.seed() {
             // They applied at start-up, so this cannot happen short of a bug; say so loudly.
             tracing::error!(error = %e, "re-applying the seeded identities after reset failed");

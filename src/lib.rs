@@ -43,16 +43,19 @@ pub mod hub;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;
+pub mod outbox;
 pub mod portal;
 pub mod query;
 pub mod registry;
 pub mod seed;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod timestamp;
 pub mod tls;
 pub mod transport;
 pub mod twin;
+pub mod uploads;
 
 pub use hub::Hub;
 

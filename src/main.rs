@@ -54,6 +54,14 @@ struct Cli {
     /// Print the commented example config file and exit.
     #[arg(long)]
     print_config: bool,
+    /// Storage account file uploads go to, as a storage connection string; `none` turns file
+    /// upload off. Default: Azurite's well-known account at https://127.0.0.1:10000 (start
+    /// Azurite with --cert/--key of the certs dir's server.pem and server.key).
+    #[arg(long, env = "IOTHUB_EMULATOR_STORAGE_CONNECTION_STRING")]
+    storage_connection_string: Option<String>,
+    /// Blob container file uploads go to (created if missing). Default: fileuploads.
+    #[arg(long)]
+    file_upload_container: Option<String>,
     /// Most connections each listener (HTTPS, MQTT, AMQP) holds open at once. Default: what the
     /// process's open-file limit allows (HTTPS gets an eighth, at most 1024; MQTT and AMQP split
     /// the rest).
@@ -137,6 +145,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("TLS setup failed")?;
 
+    let file_upload = file_upload_settings(&cli, &file, &tls)?;
+
     let hub = match &cli.data_dir {
         None => Hub::new(&config),
         Some(dir) => {
@@ -166,10 +176,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         print_banner(
             &config,
             &tls.ca_path,
+            &file_upload_line(file_upload.as_ref(), &tls),
             [https.local_addr()?, mqtt.local_addr()?, amqp.local_addr()?],
         );
         if let Ok(pem) = std::fs::read_to_string(&tls.ca_path) {
             hub.set_ca_pem(pem);
+        }
+        if let Some(settings) = &file_upload {
+            hub.set_file_uploads(settings.clone());
         }
         iothub_emulator::run(
             hub,
@@ -189,6 +203,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
+/// The file-upload settings from the flags, else the config file, else Azurite's defaults;
+/// `None` when the connection string is `none`.
+fn file_upload_settings(
+    cli: &Cli,
+    file: &ConfigFile,
+    tls: &tls::Tls,
+) -> anyhow::Result<Option<iothub_emulator::uploads::Settings>> {
+    use iothub_emulator::storage::{azurite_connection_string, Account, BlobStore};
+    let section = file.file_upload.as_ref();
+    let connection_string = cli
+        .storage_connection_string
+        .clone()
+        .or_else(|| section.and_then(|s| s.connection_string.clone()))
+        .unwrap_or_else(azurite_connection_string);
+    if connection_string.trim().eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let container = cli
+        .file_upload_container
+        .clone()
+        .or_else(|| section.and_then(|s| s.container.clone()))
+        .unwrap_or_else(|| "fileuploads".to_owned());
+    if !iothub_emulator::storage::valid_container_name(&container) {
+        bail!("file upload container {container:?} is not a valid container name (3-63 lower-case letters, digits and single hyphens)");
+    }
+    let account = Account::parse(&connection_string)
+        .map_err(|e| anyhow::anyhow!("storage connection string: {e}"))?;
+    let roots = std::fs::read(&tls.ca_path).unwrap_or_default();
+    let store = BlobStore::new(account, &roots).map_err(anyhow::Error::msg)?;
+    Ok(Some(iothub_emulator::uploads::Settings {
+        store,
+        container,
+    }))
+}
+
 async fn bind(ip: IpAddr, port: u16, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
     let addr = SocketAddr::new(ip, port);
     match tokio::net::TcpListener::bind(addr).await {
@@ -199,7 +248,34 @@ async fn bind(ip: IpAddr, port: u16, flag: &str) -> anyhow::Result<tokio::net::T
     }
 }
 
-fn print_banner(config: &Config, ca: &std::path::Path, [https, mqtt, amqp]: [SocketAddr; 3]) {
+/// The banner's file-upload line: where uploads go, and how to start Azurite for them.
+fn file_upload_line(
+    settings: Option<&iothub_emulator::uploads::Settings>,
+    tls: &tls::Tls,
+) -> String {
+    let Some(settings) = settings else {
+        return "File upload: off".to_owned();
+    };
+    let mut line = format!(
+        "File upload: container {} at {}",
+        settings.container, settings.store.account.blob_endpoint
+    );
+    if let Some((cert, key)) = &tls.server_files {
+        line.push_str(&format!(
+            " (Azurite: azurite-blob --loose --cert {} --key {})",
+            cert.display(),
+            key.display()
+        ));
+    }
+    line
+}
+
+fn print_banner(
+    config: &Config,
+    ca: &std::path::Path,
+    file_upload: &str,
+    [https, mqtt, amqp]: [SocketAddr; 3],
+) {
     let ca = ca.display();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -208,6 +284,7 @@ fn print_banner(config: &Config, ca: &std::path::Path, [https, mqtt, amqp]: [Soc
          Portal: https://{portal_host}:{portal_port}/\n\
          Owner connection string (emulator only, insecure):\n  {cs}\n\
          Event Hub-compatible endpoint: {eh}\n\
+         {file_upload}\n\
          CA certificate to trust: {ca}\n\
          \x20 Python device SDK: SSL_CERT_FILE={ca} (or server_verification_cert=<contents>)\n\
          \x20 Python service SDK and az CLI: REQUESTS_CA_BUNDLE={ca}\n\

@@ -4,7 +4,8 @@
 //!
 //! - The CA (`ca.pem`, `ca.key`) is generated once with `rcgen` and reused, so users trust it
 //!   once. The server certificate is re-issued from it at every start (a few milliseconds), so
-//!   its SANs always match the current `--hostname`, `--bind` and `--san` flags.
+//!   its SANs always match the current `--hostname`, `--bind` and `--san` flags. It and its key
+//!   are written beside the CA (`server.pem`, `server.key`) for a local Azurite to serve with.
 //! - TLS 1.2 stays enabled: the Python device SDK speaks only 1.2 (`shared/protocol.md` C.1).
 //! - Client certificates are requested but not required, and any certificate is accepted at the
 //!   TLS layer (after checking the handshake signature proves possession of its key). The hub
@@ -26,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const CA_CERT_FILE: &str = "ca.pem";
+const SERVER_CERT_FILE: &str = "server.pem";
+const SERVER_KEY_FILE: &str = "server.key";
 const CA_KEY_FILE: &str = "ca.key";
 const CA_NAME: &str = "iothub-emulator local CA (insecure, emulator only)";
 
@@ -41,16 +44,20 @@ pub struct Tls {
     pub server_config: Arc<ServerConfig>,
     /// The CA file clients must trust (the generated CA, or the user's certificate chain).
     pub ca_path: PathBuf,
+    /// The issued server certificate chain and its key, written beside the CA
+    /// (`server.pem`, `server.key`) so that a local Azurite can serve HTTPS with a certificate
+    /// the same clients trust. `None` with the user's own certificate.
+    pub server_files: Option<(PathBuf, PathBuf)>,
 }
 
 /// Loads or creates the CA in `certs_dir` and issues a server certificate for `names`, or
 /// loads the user's own certificate and key.
 pub fn setup(certs_dir: &Path, names: &[String], user: Option<&UserCert>) -> Result<Tls, String> {
-    let (chain, key, ca_path) = match user {
+    let (chain, key, ca_path, server_files) = match user {
         Some(u) => {
             let chain = read_certs(&u.cert)?;
             let key = read_key(&u.key)?;
-            (chain, key, u.cert.clone())
+            (chain, key, u.cert.clone(), None)
         }
         None => {
             let (ca_params, ca_key, ca_path) = load_or_create_ca(certs_dir)?;
@@ -63,10 +70,16 @@ pub fn setup(certs_dir: &Path, names: &[String], user: Option<&UserCert>) -> Res
                 .map_err(|e| format!("cannot issue the server certificate: {e}"))?;
             let key = PrivateKeyDer::try_from(server_key.serialize_der())
                 .map_err(|e| format!("server key: {e}"))?;
+            let cert_path = certs_dir.join(SERVER_CERT_FILE);
+            let key_path = certs_dir.join(SERVER_KEY_FILE);
+            write_private(&key_path, &server_key.serialize_pem())?;
+            std::fs::write(&cert_path, format!("{}{}", server.pem(), ca_cert.pem()))
+                .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
             (
                 vec![server.der().clone(), ca_cert.der().clone()],
                 key,
                 ca_path,
+                Some((cert_path, key_path)),
             )
         }
     };
@@ -84,6 +97,7 @@ pub fn setup(certs_dir: &Path, names: &[String], user: Option<&UserCert>) -> Res
     Ok(Tls {
         server_config: Arc::new(config),
         ca_path,
+        server_files,
     })
 }
 

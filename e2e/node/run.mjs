@@ -15,6 +15,12 @@
 // 5671 AMQP/TLS): the Node service SDK can only reach 443 and the AMQP transports use 5671.
 // It binds a spare 127.0.0.X so those ports are free.
 // IOTHUB_EMULATOR_BIN overrides the binary (default ../../target/debug/iothub-emulator).
+//
+// File upload needs a blob store: the launcher also starts Azurite (npm `azurite`, blob service
+// only) on the same address, port 10000, serving HTTPS with the emulator's server certificate
+// (the device SDKs upload over HTTPS only) in loose mode (the SDK's storage client sends headers
+// strict Azurite refuses), and hands the emulator its connection string.
+// The tests get it in IOTHUB_E2E_STORAGE_CONNECTION_STRING.
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -28,7 +34,13 @@ const repoRoot = path.resolve(here, '..', '..');
 const binary = process.env.IOTHUB_EMULATOR_BIN || path.join(repoRoot, 'target', 'debug', 'iothub-emulator');
 const logDir = path.join(repoRoot, 'e2e', 'logs');
 const READY = 'iothub-emulator ready';
-const PORTS = [443, 8883, 5671]; // HTTPS and MQTT/AMQP over WebSockets; MQTT/TLS; AMQP/TLS
+const PORTS = [443, 8883, 5671, 10000]; // HTTPS and MQTT/AMQP over WebSockets; MQTT/TLS; AMQP/TLS; Azurite
+const AZURITE_PORT = 10000;
+// Azurite's well-known development account (Microsoft's Azurite documentation).
+const AZURITE_ACCOUNT = 'devstoreaccount1';
+const AZURITE_KEY = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==';
+const storageConnectionString = (address) =>
+  `DefaultEndpointsProtocol=https;AccountName=${AZURITE_ACCOUNT};AccountKey=${AZURITE_KEY};BlobEndpoint=https://${address}:${AZURITE_PORT}/${AZURITE_ACCOUNT}`;
 
 function portFree(address, port) {
   return new Promise((resolve) => {
@@ -44,7 +56,7 @@ async function pickAddress() {
     const free = await Promise.all(PORTS.map((p) => portFree(address, p)));
     if (free.every(Boolean)) return address;
   }
-  throw new Error('no 127.0.0.X with ports 443, 8883 and 5671 free');
+  throw new Error('no 127.0.0.X with ports 443, 8883, 5671 and 10000 free');
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -65,7 +77,8 @@ async function startEmulator() {
     const address = await pickAddress();
     const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'iothub-e2e-node-'));
     const certsDir = path.join(workDir, 'certs');
-    const args = ['--bind', address, '--hostname', 'localhost', '--certs-dir', certsDir];
+    const args = ['--bind', address, '--hostname', 'localhost', '--certs-dir', certsDir,
+      '--storage-connection-string', storageConnectionString(address)];
     const logPath = path.join(logDir, `node-emulator-${address}.log`);
     const fd = fs.openSync(logPath, 'w');
     fs.writeSync(fd, `$ ${binary} ${args.join(' ')}\n`);
@@ -88,6 +101,34 @@ async function startEmulator() {
     lastError = `${exited ? `exited (${child.exitCode})` : 'not ready in 60 s'}; log ${logPath}:\n${tail(logPath, 40)}`;
   }
   throw new Error(`could not start the emulator: ${lastError}`);
+}
+
+function connects(address, port) {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: address, port }, () => { socket.destroy(); resolve(true); });
+    socket.once('error', () => resolve(false));
+  });
+}
+
+// Azurite's blob service on the emulator's address, with the emulator's server certificate.
+async function startAzurite(emulator) {
+  const bin = path.join(here, 'node_modules', 'azurite', 'dist', 'src', 'blob', 'main.js');
+  if (!fs.existsSync(bin)) throw new Error(`azurite not installed: ${bin} (run npm ci)`);
+  const certsDir = path.dirname(emulator.caPath);
+  const args = [bin, '--blobHost', emulator.address, '--blobPort', String(AZURITE_PORT),
+    '--cert', path.join(certsDir, 'server.pem'), '--key', path.join(certsDir, 'server.key'),
+    '--location', path.join(emulator.workDir, 'azurite'), '--silent', '--loose', '--skipApiVersionCheck', '--disableTelemetry'];
+  const logPath = path.join(logDir, `node-azurite-${emulator.address}.log`);
+  const fd = fs.openSync(logPath, 'w');
+  const child = spawn(process.execPath, args, { stdio: ['ignore', fd, fd] });
+  fs.closeSync(fd);
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline && child.exitCode === null) {
+    if (await connects(emulator.address, AZURITE_PORT)) return { child, logPath };
+    await sleep(100);
+  }
+  await stop(child);
+  throw new Error(`azurite did not start; log ${logPath}:\n${tail(logPath, 40)}`);
 }
 
 async function stop(child) {
@@ -117,6 +158,13 @@ if (testFiles.length === 0) {
 
 const emulator = await startEmulator();
 console.log(`# emulator ${emulator.address} (log ${path.relative(process.cwd(), emulator.logPath)})`);
+let azurite;
+try {
+  azurite = await startAzurite(emulator);
+} catch (e) {
+  await stop(emulator.child);
+  throw e;
+}
 
 let status = 1;
 try {
@@ -131,6 +179,7 @@ try {
       IOTHUB_E2E_ADDRESS: emulator.address,
       IOTHUB_E2E_CA_PATH: emulator.caPath,
       IOTHUB_E2E_DEVICE_HOSTNAME: 'localhost',
+      IOTHUB_E2E_STORAGE_CONNECTION_STRING: storageConnectionString(emulator.address),
     },
   });
   const forward = (signal) => runner.kill(signal);
@@ -138,6 +187,7 @@ try {
   process.on('SIGTERM', forward);
   status = await new Promise((resolve) => runner.once('exit', (code, signal) => resolve(code ?? (signal ? 1 : 0))));
 } finally {
+  await stop(azurite.child);
   await stop(emulator.child);
   fs.rmSync(emulator.workDir, { recursive: true, force: true });
 }

@@ -28,6 +28,8 @@ pub enum Node {
     ServiceBound,
     /// `/messages/serviceBound/feedback`: delivery feedback for the service.
     Feedback,
+    /// `/messages/serviceBound/filenotifications`: file upload notifications for the service.
+    FileNotifications,
     /// `/messages/events[/…]`: IoT Hub's own address for the built-in events endpoint, which
     /// it answers with `amqp:link:redirect` to the Event Hub-compatible one; holds the rest of
     /// the path (`$management`, `ConsumerGroups/{g}/Partitions/{n}`, or empty).
@@ -70,6 +72,13 @@ pub fn parse(address: &str) -> Option<Node> {
         [_, m] if *m == "$management" => Node::Management,
         [m, s, f] if is(m, "messages") && is(s, "servicebound") && is(f, "feedback") => {
             Node::Feedback
+        }
+        [m, s, f]
+            if is(m, "messages")
+                && is(s, "servicebound")
+                && (is(f, "filenotifications") || is(f, "fileuploadnotifications")) =>
+        {
+            Node::FileNotifications
         }
         [entity, c, group, p, n] if is(c, "consumergroups") && is(p, "partitions") => {
             Node::Partition {
@@ -148,6 +157,10 @@ mod tests {
         assert_eq!(
             parse("/messages/serviceBound/feedback"),
             Some(Node::Feedback)
+        );
+        assert_eq!(
+            parse("/messages/serviceBound/filenotifications"),
+            Some(Node::FileNotifications)
         );
         assert_eq!(parse("$cbs"), Some(Node::Cbs));
         assert_eq!(parse("$management"), Some(Node::Management));

@@ -259,6 +259,9 @@ fn route(conn: &Arc<Conn>, node: address::Node, link: LinkEndpoint) {
         (Node::Feedback, LinkEndpoint::Sender(s)) => {
             crate::transport::spawn(service::feedback(conn, s));
         }
+        (Node::FileNotifications, LinkEndpoint::Sender(s)) => {
+            crate::transport::spawn(service::file_notifications(conn, s));
+        }
         (
             Node::Partition {
                 entity,

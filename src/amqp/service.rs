@@ -1,5 +1,6 @@
 //! The service side over AMQP: `$cbs` put-token, cloud-to-device send on
-//! `/messages/devicebound`, and delivery feedback on `/messages/serviceBound/feedback`.
+//! `/messages/devicebound`, delivery feedback on `/messages/serviceBound/feedback` and file
+//! upload notifications on `/messages/serviceBound/filenotifications`.
 
 use super::cbs::verify_token;
 use super::link::{error, Conn};
@@ -8,11 +9,13 @@ use super::message::{
 };
 use crate::c2d::MAX_MESSAGE_BYTES;
 use crate::error::HubError;
+use crate::outbox::Outbox;
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::types::definitions;
 use fe2o3_amqp::types::messaging::{AmqpValue, Body, MessageId, Outcome, Properties};
 use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::{Receiver, Sender};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// `$cbs` put-token requests: the token in the body is verified and, if good, becomes a grant
@@ -151,44 +154,103 @@ fn enqueue(conn: &Conn, message: &AmqpMessage) -> Result<(), definitions::Error>
 }
 
 /// `/messages/serviceBound/feedback`: delivery feedback records, a JSON array per message
-/// (a data section: the Node SDK reads `body.content`). Records the service does not accept
-/// are kept for the next receiver.
-pub async fn feedback(conn: Arc<Conn>, mut sender: Sender) {
+/// (a data section: the Node SDK reads `body.content`).
+pub async fn feedback(conn: Arc<Conn>, sender: Sender) {
+    let outbox = conn.hub.feedback();
+    serve_outbox(&conn, sender, outbox, FEEDBACK).await;
+}
+
+/// `/messages/serviceBound/filenotifications`: file upload notifications, one JSON object
+/// per message.
+pub async fn file_notifications(conn: Arc<Conn>, sender: Sender) {
+    let outbox = conn.hub.file_uploads().notifications();
+    serve_outbox(&conn, sender, outbox, FILE_NOTIFICATIONS).await;
+}
+
+/// How one service-bound queue's records travel.
+struct Shape {
+    what: &'static str,
+    /// Most records in one message; 1 sends each record alone (not in an array).
+    batch: usize,
+    content_type: &'static str,
+}
+
+const FEEDBACK: Shape = Shape {
+    what: "feedback",
+    batch: 64,
+    content_type: "application/vnd.microsoft.iothub.feedback.json",
+};
+
+const FILE_NOTIFICATIONS: Shape = Shape {
+    what: "file upload notifications",
+    batch: 1,
+    content_type: "application/json",
+};
+
+/// Sends a service-bound queue's records, unsettled, as they arrive, without waiting for one
+/// to be settled before sending the next (a receiver may hold messages it does not want).
+/// `accepted` and `rejected` records leave the queue; `released` or `modified` ones, and the
+/// ones still unsettled when the link goes, are queued again for the next receiver.
+async fn serve_outbox(conn: &Conn, mut sender: Sender, outbox: &Outbox, shape: Shape) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
     if !conn.authorized(|g| g.allows_service()) {
         let _ = sender
             .close_with_error(error(
                 "amqp:unauthorized-access",
-                "Receiving feedback needs a token of a policy with ServiceConnect on $cbs",
+                format!(
+                    "Receiving {} needs a token of a policy with ServiceConnect on $cbs",
+                    shape.what
+                ),
             ))
             .await;
         return;
     }
-    let feedback = conn.hub.feedback();
+    let mut unsettled: HashMap<u64, Vec<serde_json::Value>> = HashMap::new();
+    let mut outcomes = FuturesUnordered::new();
+    let mut next_id = 0u64;
     loop {
-        let batch = tokio::select! {
-            batch = feedback.take(64) => batch,
-            _ = sender.on_detach() => break,
-        };
-        let mut message = data_message(serde_json::Value::Array(batch.clone()).to_string());
-        message.properties = Some(Properties {
-            message_id: Some(MessageId::String(format!(
-                "{:032x}",
-                rand::random::<u128>()
-            ))),
-            content_type: Some(Symbol::from(
-                "application/vnd.microsoft.iothub.feedback.json",
-            )),
-            ..Properties::default()
-        });
-        let sendable = Sendable::builder().message(message).settled(false).build();
-        match sender.send(sendable).await {
-            Ok(Outcome::Accepted(_)) => {}
-            Ok(_) => feedback.give_back(batch),
-            Err(_) => {
-                feedback.give_back(batch);
-                break;
+        tokio::select! {
+            batch = outbox.take(shape.batch) => {
+                let body = if shape.batch == 1 && batch.len() == 1 {
+                    batch[0].to_string()
+                } else {
+                    serde_json::Value::Array(batch.clone()).to_string()
+                };
+                let mut message = data_message(body);
+                message.properties = Some(Properties {
+                    message_id: Some(MessageId::String(format!(
+                        "{:032x}",
+                        rand::random::<u128>()
+                    ))),
+                    content_type: Some(Symbol::from(shape.content_type)),
+                    ..Properties::default()
+                });
+                let sendable = Sendable::builder().message(message).settled(false).build();
+                match sender.send_batchable(sendable).await {
+                    Ok(delivery) => {
+                        let id = next_id;
+                        next_id += 1;
+                        unsettled.insert(id, batch);
+                        outcomes.push(async move { (id, delivery.await) });
+                    }
+                    Err(_) => {
+                        outbox.give_back(batch);
+                        break;
+                    }
+                }
             }
+            Some((id, outcome)) = outcomes.next(), if !outcomes.is_empty() => {
+                let Some(batch) = unsettled.remove(&id) else { continue };
+                match outcome {
+                    Ok(Outcome::Accepted(_) | Outcome::Rejected(_)) => {}
+                    _ => outbox.give_back(batch),
+                }
+            }
+            _ = sender.on_detach() => break,
         }
+    }
+    for (_, batch) in unsettled {
+        outbox.give_back(batch);
     }
     let _ = sender.close().await;
 }

@@ -8,7 +8,7 @@
 //!
 //! The same records are also served over AMQP (`amqp::service`); whichever client takes a
 //! batch first gets it. A batch neither completed nor abandoned is offered again after
-//! [`FEEDBACK_LOCK`](crate::c2d::FEEDBACK_LOCK).
+//! [`LOCK`](crate::outbox::LOCK).
 
 use super::body::json_response;
 use super::error::HttpResult;

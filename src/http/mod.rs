@@ -12,6 +12,7 @@ pub mod body;
 mod control;
 mod device;
 pub mod error;
+mod files;
 mod messages;
 pub mod precondition;
 mod query;
@@ -70,6 +71,7 @@ pub fn router(hub: Hub, mounts: Mounts) -> Router {
         .merge(control::open_routes())
         // The device API authenticates the identity each path names, not a service policy.
         .merge(device::routes())
+        .merge(files::routes())
         .merge(portal)
         .merge(service)
         .fallback(not_found)
