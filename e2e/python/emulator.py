@@ -75,6 +75,20 @@ REGISTRY_READ_KEY = base64.b64encode(hashlib.sha256(b"iothub-emulator e2e regist
 HTTPS_PORT = 443
 MQTT_PORT = 8883
 AMQP_PORT = 5671
+# Azurite's blob port, on the emulator's address (file upload; see `Emulator.start_azurite`).
+AZURITE_PORT = 10000
+# Azurite's well-known development account (Microsoft's Azurite documentation).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_MAIN = REPO_ROOT / "e2e" / "node" / "node_modules" / "azurite" / "dist" / "src" / "blob" / "main.js"
+
+
+def storage_connection_string(address: str) -> str:
+    """The connection string of the Azurite account on `address` (HTTPS)."""
+    return (
+        f"DefaultEndpointsProtocol=https;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=https://{address}:{AZURITE_PORT}/{AZURITE_ACCOUNT}"
+    )
 
 # The start-up banner names the Event Hub-compatible endpoint (issue 9):
 #   Event Hub-compatible endpoint: Endpoint=sb://<host>/;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...
@@ -106,12 +120,12 @@ def _port_free(address: str, port: int) -> bool:
 
 
 def _pick_address(rng: random.Random) -> str:
-    """A 127.0.0.X (X in 2..250) where 443, 8883 and 5671 can all still be bound."""
+    """A 127.0.0.X (X in 2..250) where 443, 8883, 5671 and 10000 can all still be bound."""
     for _ in range(200):
         address = f"127.0.0.{rng.randint(2, 250)}"
-        if all(_port_free(address, port) for port in (HTTPS_PORT, MQTT_PORT, AMQP_PORT)):
+        if all(_port_free(address, port) for port in (HTTPS_PORT, MQTT_PORT, AMQP_PORT, AZURITE_PORT)):
             return address
-    raise RuntimeError("no 127.0.0.X with ports 443, 8883 and 5671 free")
+    raise RuntimeError("no 127.0.0.X with ports 443, 8883, 5671 and 10000 free")
 
 
 def parse_eventhub_banner(log_text: str, address: str) -> Optional[str]:
@@ -148,6 +162,7 @@ class Emulator:
     process: subprocess.Popen
     ca_path: Path = field(init=False)
     ca_pem: str = field(init=False)
+    azurite: Optional[subprocess.Popen] = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.ca_path = self.certs_dir / "ca.pem"
@@ -190,8 +205,48 @@ class Emulator:
         except OSError:
             return "<no log>"
 
+    @property
+    def storage_connection_string(self) -> str:
+        return storage_connection_string(self.address)
+
+    def start_azurite(self, timeout: float = 30.0) -> None:
+        """Starts Azurite's blob service (npm `azurite`, installed in e2e/node by the test
+        command) on this emulator's address, port 10000, serving HTTPS with the emulator's
+        server certificate (the device SDKs upload over HTTPS only), in loose mode. Stopped by
+        `stop()`. Idempotent."""
+        if self.azurite is not None:
+            return
+        if not AZURITE_MAIN.exists():
+            raise RuntimeError(f"azurite is not installed: {AZURITE_MAIN} (npm ci in e2e/node)")
+        log_path = LOG_DIR / f"python-azurite-{self.address}.log"
+        log = open(log_path, "wb")
+        args = [
+            shutil.which("node") or "node", str(AZURITE_MAIN),
+            "--blobHost", self.address, "--blobPort", str(AZURITE_PORT),
+            "--cert", str(self.certs_dir / "server.pem"), "--key", str(self.certs_dir / "server.key"),
+            "--location", str(self.work_dir / "azurite"),
+            "--silent", "--loose", "--skipApiVersionCheck", "--disableTelemetry",
+        ]
+        self.azurite = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.azurite.poll() is None:
+            try:
+                socket.create_connection((self.address, AZURITE_PORT), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"azurite did not start; log {log_path}:\n{log_path.read_text(errors='replace')[-2000:]}")
+
     def stop(self) -> None:
-        """SIGTERM by pid, SIGKILL if it has not exited after 10 s."""
+        """SIGTERM by pid, SIGKILL if it has not exited after 10 s (Azurite too, if started)."""
+        if self.azurite is not None and self.azurite.poll() is None:
+            self.azurite.terminate()
+            try:
+                self.azurite.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.azurite.kill()
+                self.azurite.wait(timeout=10)
         if self.process.poll() is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             return
@@ -255,6 +310,9 @@ def start_emulator(
             "--bind", bind_address,
             "--hostname", DEVICE_HOSTNAME,
             "--certs-dir", str(run_certs_dir),
+            # File upload goes to an Azurite on the same address (started by the tests that
+            # need it, `Emulator.start_azurite`).
+            "--storage-connection-string", storage_connection_string(bind_address),
         ]
         if config_toml is not None:
             config_path = work_dir / "config.toml"
