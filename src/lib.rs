@@ -6,7 +6,8 @@
 //! - foundations: [`error`] (IoT Hub's error codes; each front end maps them to its wire in one
 //!   place), [`timestamp`], [`auth`] (policies, symmetric keys, SAS tokens), [`tls`] (the
 //!   local CA, the server certificate, client-certificate requests), [`store`] (`--data-dir`
-//!   persistence), [`metrics`] (counters for `/_emulator/metrics`).
+//!   persistence), [`storage`] (the blob store file uploads go to: SAS signing and the hub's
+//!   own calls to Azurite or Azure Storage), [`metrics`] (counters for `/_emulator/metrics`).
 //! - documents and languages, pure logic: [`twin`] (merge, versions, `$metadata`, limits),
 //!   [`query`] (the IoT Hub query language), [`c2d`] (cloud-to-device message shapes).
 //! - [`registry`]: device and module identities, their twins (the twin store) and their
@@ -14,7 +15,9 @@
 //! - hub operations: [`hub`] ([`Hub`], the one shared handle), [`connections`] (live device
 //!   connections by identity, with bounded event queues, and the session state that outlives
 //!   them), [`methods`] (direct-method calls in flight), [`telemetry`] (the device-to-cloud
-//!   message log), [`config`] and [`seed`] (flags, the config file, the identities it declares).
+//!   message log), [`outbox`] (the service-bound queues: delivery feedback, file upload
+//!   notifications), [`uploads`] (file uploads in progress), [`config`] and [`seed`] (flags,
+//!   the config file, the identities it declares).
 //! - [`transport`]: below the front ends: the accept loop (TLS handshake, per-listener
 //!   connection limits, a `connection` span per connection) and the WebSocket byte bridge.
 //! - front ends, which never import each other: [`mqtt`] (device MQTT), [`amqp`] (device AMQP,
