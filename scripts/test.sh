@@ -10,6 +10,7 @@
 # Environment:
 #   E2E=0            skip the end-to-end suites (cargo only)
 #   PYTEST_ARGS=...  extra pytest arguments (e.g. "-k seed -x")
+#   FUZZ_SMOKE=0     skip the fuzz smoke (scripts/fuzz-smoke.sh: every fuzz target, 15 s each)
 #   CONTAINER_CHECK=0  skip scripts/check-container.sh (the Dockerfile's steps run on the
 #                    host; needs root, builds target/release)
 #
@@ -28,6 +29,14 @@ cargo build --locked --quiet --workspace
 
 phase "cargo test --locked --workspace"
 cargo test --locked --workspace
+
+# --- Fuzz smoke: every target under fuzz/, built on stable, 15 s each from an empty corpus ---
+if [[ "${FUZZ_SMOKE:-1}" == "0" ]]; then
+  phase "FUZZ_SMOKE=0: skipping the fuzz smoke"
+else
+  phase "fuzz smoke (scripts/fuzz-smoke.sh)"
+  bash "$ROOT/scripts/fuzz-smoke.sh"
+fi
 
 # --- Container: the Dockerfile's steps, run on this host (no Docker engine needed) ---------
 # Release build as in the image's builder stage, then the runtime steps: setcap, a non-root
