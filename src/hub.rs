@@ -267,6 +267,19 @@ impl Hub {
         Ok(())
     }
 
+    /// Counts each HTTPS receive lock of `device_id` that lapsed unsettled as an abandon: the
+    /// message's delivery count goes up, and past the maximum it is dead-lettered with its
+    /// feedback, as when a device abandons it.
+    pub fn lapse_c2d_locks(&self, device_id: &str) {
+        let lapsed = self
+            .inner
+            .registry
+            .lapsed_http_locks(device_id, std::time::Instant::now());
+        for token in lapsed {
+            self.settle_c2d(device_id, token, crate::c2d::Settlement::Abandoned);
+        }
+    }
+
     /// A device settled a delivered cloud-to-device message: it leaves the queue (or, when
     /// abandoned, waits for another delivery), and the service gets the feedback it asked for.
     pub fn settle_c2d(&self, device_id: &str, lock_token: u64, how: crate::c2d::Settlement) {

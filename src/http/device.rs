@@ -311,6 +311,7 @@ async fn receive(
 ) -> HttpResult<Response> {
     let key = device_key(&id);
     authenticate(&hub, request.headers(), cert_of(&request).as_ref(), &key)?;
+    hub.lapse_c2d_locks(&id);
     let locked = hub
         .registry()
         .lock_c2d(&id, &std::collections::HashSet::new())?;
@@ -401,6 +402,7 @@ fn settle(
 ) -> HttpResult<Response> {
     let key = device_key(&path.id);
     authenticate(hub, request.headers(), cert_of(request).as_ref(), &key)?;
+    hub.lapse_c2d_locks(&path.id);
     let token = hub
         .registry()
         .unlock_c2d(&path.id, path.etag.trim_matches('"'))?;

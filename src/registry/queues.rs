@@ -117,6 +117,29 @@ impl Registry {
         )
     }
 
+    /// Ends the HTTPS locks of `device_id` that lapsed by `now` and returns their messages'
+    /// lock tokens: each was a delivery the device never settled, which the hub counts as an
+    /// abandon ([`crate::Hub::lapse_c2d_locks`]).
+    pub fn lapsed_http_locks(&self, device_id: &str, now: Instant) -> Vec<u64> {
+        self.change_device(
+            device_id,
+            |rec| {
+                let lapsed: Vec<u64> = rec
+                    .http_locks
+                    .iter()
+                    .filter(|(_, l)| l.until <= now)
+                    .map(|(t, _)| *t)
+                    .collect();
+                for token in &lapsed {
+                    rec.http_locks.remove(token);
+                }
+                Ok(lapsed)
+            },
+            |_| {},
+        )
+        .unwrap_or_default()
+    }
+
     /// Ends the HTTPS lock named `etag` (the device is settling the message) and returns the
     /// message's queue lock token.
     ///
@@ -188,5 +211,35 @@ impl Registry {
         )
         .ok()
         .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::IfMatch;
+    use serde_json::{json, Map};
+
+    #[test]
+    fn a_lapsed_https_lock_is_handed_back_once_and_counts_as_a_delivery() {
+        let reg = Registry::new(50);
+        reg.put_device("d1", &Map::new(), &IfMatch::Absent).unwrap();
+        let message = CloudMessage::from_json(json!({"body": "hi"}).as_object().unwrap()).unwrap();
+        reg.enqueue_c2d("d1", message).unwrap();
+        let (locked, etag) = reg.lock_c2d("d1", &HashSet::new()).unwrap().unwrap();
+        assert!(reg.lapsed_http_locks("d1", Instant::now()).is_empty());
+        assert!(reg.pending_c2d("d1", &HashSet::new()).is_empty(), "locked");
+        let later = Instant::now() + HTTP_LOCK + Duration::from_secs(1);
+        assert_eq!(reg.lapsed_http_locks("d1", later), vec![locked.lock_token]);
+        assert!(reg.lapsed_http_locks("d1", later).is_empty(), "only once");
+        assert_eq!(
+            reg.unlock_c2d("d1", &etag).unwrap_err().code,
+            ErrorCode::DeviceMessageLockLost
+        );
+        // The hub abandons it: one more delivery on the count, and it is offered again.
+        assert!(reg.abandon_c2d("d1", locked.lock_token).is_none());
+        let again = reg.pending_c2d("d1", &HashSet::new());
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].delivery_count, locked.delivery_count + 1);
     }
 }
