@@ -6,23 +6,27 @@
 
 mod common;
 
-use common::{identity_token, start};
+use common::{identity_token, start, Http, Reply};
 use iothub_emulator::storage::{Account, BlobStore};
 use serde_json::json;
+
+/// `POST /devices/{device}/files` for `a.txt`, with `http`'s token.
+async fn start_upload(http: &Http, device: &str) -> Reply {
+    http.send(
+        "POST",
+        &format!("/devices/{device}/files"),
+        Some(json!({"blobName": "a.txt"})),
+        &[],
+    )
+    .await
+}
 
 #[tokio::test]
 async fn without_a_store_file_upload_is_not_configured() {
     let hub = start().await;
     let key = hub.device("fu1").await;
     let http = hub.http().with_token(identity_token("fu1", None, &key));
-    let reply = http
-        .send(
-            "POST",
-            "/devices/fu1/files",
-            Some(json!({"blobName": "a.txt"})),
-            &[],
-        )
-        .await;
+    let reply = start_upload(&http, "fu1").await;
     assert_eq!(reply.status, 400, "{}", reply.body);
     assert_eq!(reply.error_code(), "BlobContainerValidationError");
     let reply = http
@@ -36,16 +40,8 @@ async fn without_a_store_file_upload_is_not_configured() {
     assert_eq!(reply.status, 400, "{}", reply.body);
     // Another device's token gets 401 before anything else.
     let other = hub.device("fu2").await;
-    let reply = hub
-        .http()
-        .with_token(identity_token("fu2", None, &other))
-        .send(
-            "POST",
-            "/devices/fu1/files",
-            Some(json!({"blobName": "a.txt"})),
-            &[],
-        )
-        .await;
+    let foreign = hub.http().with_token(identity_token("fu2", None, &other));
+    let reply = start_upload(&foreign, "fu1").await;
     assert_eq!(reply.status, 401, "{}", reply.body);
 }
 
@@ -70,14 +66,7 @@ async fn an_unreachable_store_is_reported_and_counts_no_upload() {
     let key = hub.device("fu3").await;
     let http = hub.http().with_token(identity_token("fu3", None, &key));
     for _ in 0..11 {
-        let reply = http
-            .send(
-                "POST",
-                "/devices/fu3/files",
-                Some(json!({"blobName": "a.txt"})),
-                &[],
-            )
-            .await;
+        let reply = start_upload(&http, "fu3").await;
         assert_eq!(reply.status, 400, "{}", reply.body);
         assert_eq!(reply.error_code(), "BlobContainerValidationError");
         let message = reply.body["Message"]
