@@ -374,3 +374,43 @@ async fn cloud_to_device_receive_complete_reject_abandon() {
         "{feedback}"
     );
 }
+
+#[tokio::test]
+async fn the_device_chooses_the_lock_timeout_within_the_hubs_range() {
+    let hub = start().await;
+    let key = hub.device("hl").await;
+    let token = identity_token("hl", None, &key);
+    queue(&hub, "hl", json!({"body": "locked", "messageId": "m1"})).await;
+    let (hub, token) = (&hub, token.as_str());
+    let receive = |lock: &'static str| async move {
+        let headers = [("IotHub-MessageLockTimeout", lock)];
+        device_request(
+            hub,
+            "GET",
+            "/devices/hl/messages/devicebound",
+            token,
+            &headers,
+            None,
+        )
+        .await
+    };
+
+    // Malformed or out of range: 400 ArgumentInvalid, and the message is not locked.
+    for bad in ["abc", "0", "4", "301", "-5", "2.5", ""] {
+        let (status, headers, body) = receive(bad).await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+        assert_eq!(headers["iothub-errorcode"], "ArgumentInvalid", "{bad:?}");
+        assert!(body.contains("IotHub-MessageLockTimeout"), "{body}");
+    }
+
+    // Five seconds: locked for that long, then offered again as a lapsed (abandoned) delivery.
+    let (status, headers, body) = receive("5").await;
+    assert_eq!((status, body.as_str()), (200, "locked"));
+    assert_eq!(headers["iothub-deliverycount"], "0");
+    let (status, _, _) = receive("5").await;
+    assert_eq!(status, 204, "still locked");
+    tokio::time::sleep(std::time::Duration::from_millis(5_500)).await;
+    let (status, headers, body) = receive("300").await;
+    assert_eq!((status, body.as_str()), (200, "locked"), "the lock lapsed");
+    assert_eq!(headers["iothub-deliverycount"], "1");
+}

@@ -23,6 +23,7 @@ use crate::c2d::{CloudMessage, Settlement};
 use crate::error::{ErrorCode, HubError, HubResult};
 use crate::hub::Hub;
 use crate::registry::IdentityKey;
+use crate::registry::{HTTP_LOCK, HTTP_LOCK_RANGE};
 use crate::telemetry::{Incoming, MAX_MESSAGE_BYTES};
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
@@ -35,6 +36,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// The content type of a batch of telemetry messages.
 const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.json";
@@ -311,15 +313,42 @@ async fn receive(
 ) -> HttpResult<Response> {
     let key = device_key(&id);
     authenticate(&hub, request.headers(), cert_of(&request).as_ref(), &key)?;
+    let lock = lock_timeout(request.headers())?;
     hub.lapse_c2d_locks(&id);
     let locked = hub
         .registry()
-        .lock_c2d(&id, &std::collections::HashSet::new())?;
+        .lock_c2d(&id, &std::collections::HashSet::new(), lock)?;
     hub.registry().touch(&key);
     let Some((message, etag)) = locked else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     Ok(c2d_response(&id, &message, &etag))
+}
+
+/// `IotHub-MessageLockTimeout`: how many seconds the received message stays locked for the
+/// device (the Java SDK sends 180, `az iot device c2d-message receive --lt` what it is given).
+/// Absent means [`HTTP_LOCK`]; anything but a whole number of seconds within
+/// [`HTTP_LOCK_RANGE`] is 400 and locks nothing.
+fn lock_timeout(headers: &HeaderMap) -> HubResult<Duration> {
+    let Some(value) = headers.get("iothub-messagelocktimeout") else {
+        return Ok(HTTP_LOCK);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|secs| HTTP_LOCK_RANGE.contains(secs))
+        .map(Duration::from_secs)
+        .ok_or_else(|| {
+            HubError::new(
+                ErrorCode::ArgumentInvalid,
+                format!(
+                    "IotHub-MessageLockTimeout must be a whole number of seconds from {} to {}",
+                    HTTP_LOCK_RANGE.start(),
+                    HTTP_LOCK_RANGE.end()
+                ),
+            )
+        })
 }
 
 /// A received message: its body, and its properties as the SDKs' HTTP transports read them.

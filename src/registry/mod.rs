@@ -30,6 +30,7 @@ mod scan;
 mod twins;
 
 pub use identity::{Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
+pub use queues::{HTTP_LOCK, HTTP_LOCK_RANGE};
 
 use crate::c2d::CloudMessage;
 use crate::error::{ErrorCode, HubError, HubResult};

@@ -16,8 +16,13 @@ pub struct HttpLock {
     pub until: Instant,
 }
 
-/// How long a message received over HTTPS stays locked (IoT Hub's C2D lock timeout, 60 s).
+/// How long a message received over HTTPS stays locked when the device names no
+/// `IotHub-MessageLockTimeout` (IoT Hub's C2D lock timeout, 60 s).
 pub const HTTP_LOCK: Duration = Duration::from_secs(60);
+
+/// The lock timeouts a device may ask for, in seconds: the range IoT Hub allows for its
+/// message locks (as for the feedback queue's lock duration).
+pub const HTTP_LOCK_RANGE: std::ops::RangeInclusive<u64> = 5..=300;
 
 impl Registry {
     /// Queues a message for a device.
@@ -80,8 +85,8 @@ impl Registry {
     }
 
     /// An HTTPS receive (`GET /devices/{id}/messages/deviceBound`): the oldest message that is
-    /// neither locked nor `in_flight` on a device connection, locked for [`HTTP_LOCK`] under a
-    /// new lock token. `None` when nothing is waiting.
+    /// neither locked nor `in_flight` on a device connection, locked for `lock` under a new lock
+    /// token. `None` when nothing is waiting.
     ///
     /// # Errors
     /// 404001 for an unknown device.
@@ -89,6 +94,7 @@ impl Registry {
         &self,
         device_id: &str,
         in_flight: &HashSet<u64>,
+        lock: Duration,
     ) -> HubResult<Option<(CloudMessage, String)>> {
         let now = Instant::now();
         self.change_device(
@@ -108,7 +114,7 @@ impl Registry {
                     message.lock_token,
                     HttpLock {
                         etag: etag.clone(),
-                        until: now + HTTP_LOCK,
+                        until: now + lock,
                     },
                 );
                 Ok(Some((message, etag)))
@@ -226,10 +232,16 @@ mod tests {
         reg.put_device("d1", &Map::new(), &IfMatch::Absent).unwrap();
         let message = CloudMessage::from_json(json!({"body": "hi"}).as_object().unwrap()).unwrap();
         reg.enqueue_c2d("d1", message).unwrap();
-        let (locked, etag) = reg.lock_c2d("d1", &HashSet::new()).unwrap().unwrap();
+        let lock = Duration::from_secs(10);
+        let (locked, etag) = reg.lock_c2d("d1", &HashSet::new(), lock).unwrap().unwrap();
         assert!(reg.lapsed_http_locks("d1", Instant::now()).is_empty());
+        let before = Instant::now() + lock - Duration::from_secs(1);
+        assert!(
+            reg.lapsed_http_locks("d1", before).is_empty(),
+            "held for `lock`"
+        );
         assert!(reg.pending_c2d("d1", &HashSet::new()).is_empty(), "locked");
-        let later = Instant::now() + HTTP_LOCK + Duration::from_secs(1);
+        let later = Instant::now() + lock + Duration::from_secs(1);
         assert_eq!(reg.lapsed_http_locks("d1", later), vec![locked.lock_token]);
         assert!(reg.lapsed_http_locks("d1", later).is_empty(), "only once");
         assert_eq!(
