@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{identity_token, policy_token, start, TestHub};
+use common::{identity_token, policy_token, self_signed, start, TestHub};
 use serde_json::{json, Value};
 
 /// A request as a device makes it: its own token, no service policy.
@@ -15,13 +15,24 @@ async fn device_request(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> (u16, reqwest::header::HeaderMap, String) {
-    let http = hub.http();
+    request_over(&hub.http(), method, path, token, headers, body).await
+}
+
+/// [`device_request`] over a given client (one that presents a certificate, say).
+async fn request_over(
+    http: &common::Http,
+    method: &str,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> (u16, reqwest::header::HeaderMap, String) {
     let separator = if path.contains('?') { '&' } else { '?' };
     let url = format!("{}{path}{separator}api-version=2021-04-12", http.base);
-    let mut request = http
-        .client
-        .request(method.parse().unwrap(), url)
-        .header("Authorization", token);
+    let mut request = http.client.request(method.parse().unwrap(), url);
+    if !token.is_empty() {
+        request = request.header("Authorization", token);
+    }
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
@@ -413,4 +424,129 @@ async fn the_device_chooses_the_lock_timeout_within_the_hubs_range() {
     let (status, headers, body) = receive("300").await;
     assert_eq!((status, body.as_str()), (200, "locked"), "the lock lapsed");
     assert_eq!(headers["iothub-deliverycount"], "1");
+}
+
+/// Scenario:
+/// - a selfSigned device presents its certificate in the TLS handshake and no token: its
+///   telemetry is accepted and stamped as X.509, and it reads its own queue
+/// - another certificate with the same CN, or the right one on another device's path, is 401
+/// - a SAS device presenting a certificate (and no token) is 401
+#[tokio::test]
+async fn an_x509_device_authenticates_with_its_tls_certificate() {
+    let hub = start().await;
+    let (cert, key, thumbprint) = self_signed("hx");
+    hub.http()
+        .send(
+            "PUT",
+            "/devices/hx",
+            Some(
+                json!({"deviceId": "hx", "authentication": {"type": "selfSigned",
+                "x509Thumbprint": {"primaryThumbprint": thumbprint}}}),
+            ),
+            &[],
+        )
+        .await
+        .expect_status(200);
+    hub.device("hs").await;
+    let as_device = hub.http_as(&cert, &key);
+
+    let (status, _, body) = request_over(
+        &as_device,
+        "POST",
+        "/devices/hx/messages/events",
+        "",
+        &[("iothub-app-k", "v")],
+        Some(b"from x509".to_vec()),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let log = telemetry_of(&hub, "hx").await;
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["body"], "from x509", "{log:?}");
+    assert_eq!(
+        log[0]["systemProperties"]["iothub-connection-auth-method"], "X509",
+        "stamped as X.509: {log:?}"
+    );
+    queue(&hub, "hx", json!({"body": "to x509"})).await;
+    let (status, _, body) = request_over(
+        &as_device,
+        "GET",
+        "/devices/hx/messages/deviceBound",
+        "",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "to x509"));
+
+    let (other_cert, other_key, _) = self_signed("hx");
+    let impostor = hub.http_as(&other_cert, &other_key);
+    let (status, _, _) = request_over(
+        &impostor,
+        "GET",
+        "/devices/hx/messages/deviceBound",
+        "",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "another key with the same CN");
+    for path in [
+        "/devices/hs/messages/deviceBound",
+        "/devices/hs/messages/events",
+    ] {
+        let (status, _, _) =
+            request_over(&as_device, "POST", path, "", &[], Some(b"x".to_vec())).await;
+        assert!(status == 401 || status == 405, "{path}: {status}");
+    }
+    let (status, _, _) = request_over(
+        &as_device,
+        "GET",
+        "/devices/hs/messages/deviceBound",
+        "",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 401,
+        "the certificate is not a SAS device's credential"
+    );
+    assert!(telemetry_of(&hub, "hs").await.is_empty());
+}
+
+/// Scenario: a device whose token expired gets 401 and nothing is stored; the same request
+/// with a renewed token (as the SDKs send after renewal) is accepted.
+#[tokio::test]
+async fn an_expired_token_is_refused_and_a_renewed_one_accepted() {
+    let hub = start().await;
+    let key = hub.device("hr").await;
+    let expired = iothub_emulator::auth::sas::make_token(
+        &format!("{}/devices/hr", common::HOST),
+        &iothub_emulator::auth::SymmetricKey::parse(&key).unwrap(),
+        None,
+        1_000_000,
+    );
+    let hub = &hub;
+    let send = |token: String| async move {
+        device_request(
+            hub,
+            "POST",
+            "/devices/hr/messages/events",
+            &token,
+            &[],
+            Some(b"tick".to_vec()),
+        )
+        .await
+    };
+    let (status, headers, _) = send(expired).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers["iothub-errorcode"], "IotHubUnauthorized",
+        "401003: the token expired"
+    );
+    assert!(telemetry_of(hub, "hr").await.is_empty());
+    let (status, _, body) = send(identity_token("hr", None, &key)).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(telemetry_of(hub, "hr").await.len(), 1);
 }

@@ -152,12 +152,26 @@ pub fn identity_token(device: &str, module: Option<&str>, key: &str) -> String {
 impl TestHub {
     /// An HTTPS client that trusts this hub's CA and resolves `localhost` to it.
     pub fn http(&self) -> Http {
+        self.http_client(None)
+    }
+
+    /// [`Self::http`] presenting a client certificate (PEM certificate and key) in the TLS
+    /// handshake, as an X.509 device does.
+    #[allow(dead_code)] // not every test binary presents certificates
+    pub fn http_as(&self, cert_pem: &str, key_pem: &str) -> Http {
+        let identity = reqwest::Identity::from_pem(format!("{cert_pem}\n{key_pem}").as_bytes());
+        self.http_client(Some(identity.unwrap()))
+    }
+
+    fn http_client(&self, identity: Option<reqwest::Identity>) -> Http {
         let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .add_root_certificate(ca)
-            .resolve(HOST, self.https)
-            .build()
-            .unwrap();
+            .resolve(HOST, self.https);
+        if let Some(identity) = identity {
+            builder = builder.identity(identity);
+        }
+        let client = builder.build().unwrap();
         Http {
             client,
             base: format!("https://{HOST}:{}", self.https.port()),
