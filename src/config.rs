@@ -33,6 +33,8 @@ pub struct Config {
     pub seeds: Seeds,
     /// CA certificates that `certificateAuthority` devices' certificates must chain to.
     pub trusted_cas: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Message routing.
+    pub routing: crate::routing::Routing,
 }
 
 impl Config {
@@ -118,6 +120,8 @@ pub struct ConfigFile {
     /// Devices (and their modules) that exist from the start.
     #[serde(default)]
     pub devices: Vec<toml::Spanned<SeedDevice>>,
+    /// Message routing: routes, custom endpoints, enrichments, the fallback route.
+    pub routing: Option<crate::routing::RoutingFile>,
     /// Where the file came from and its text, for line numbers in seed errors.
     #[serde(skip)]
     source: (String, String),
@@ -161,6 +165,14 @@ impl ConfigFile {
             toml::from_str(text).map_err(|e| format!("config file {path}: {e}"))?;
         file.source = (path.to_owned(), text.to_owned());
         Ok(file)
+    }
+
+    /// The routing the file declares (a new hub's when it declares none), checked.
+    pub fn routing(&self, hub_name: &str) -> Result<crate::routing::Routing, String> {
+        match &self.routing {
+            None => Ok(crate::routing::Routing::default()),
+            Some(r) => r.compile(&self.source.0, &self.source.1, hub_name),
+        }
     }
 
     /// The seeded devices, ready to apply.

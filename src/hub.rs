@@ -31,8 +31,11 @@ struct Inner {
     connections: Connections,
     /// Direct-method calls in flight; internally a sharded map of oneshot channels.
     methods: Methods,
-    /// Device-to-cloud messages, for the control API; sharded, bounded.
+    /// Device-to-cloud messages and routed hub events, for the control API and the Event
+    /// Hub-compatible endpoints; sharded, bounded.
     telemetry: TelemetryLog,
+    /// Which endpoints messages and events go to; fixed after start-up.
+    routing: crate::routing::Routing,
     /// Counters and histograms for `/_emulator/metrics`; atomics only.
     metrics: crate::metrics::Metrics,
     /// Cloud-to-device delivery feedback waiting for the service (AMQP).
@@ -107,12 +110,19 @@ impl Hub {
         for (key, session) in registry.sessions() {
             connections.set_session(&key, session);
         }
-        Self {
-            inner: Arc::new(Inner {
+        let inner = Arc::new_cyclic(|hub: &std::sync::Weak<Inner>| {
+            let hub = hub.clone();
+            registry.observe(Box::new(move |change| {
+                if let Some(inner) = hub.upgrade() {
+                    Hub { inner }.on_change(change);
+                }
+            }));
+            Inner {
                 registry,
                 connections,
                 methods: Methods::default(),
                 telemetry: TelemetryLog::new(config.telemetry_capacity),
+                routing: config.routing.clone(),
                 metrics: crate::metrics::Metrics::default(),
                 feedback: crate::outbox::Outbox::new(crate::c2d::FEEDBACK_CAPACITY),
                 event_hub_name: config.hub_name(),
@@ -125,8 +135,9 @@ impl Hub {
                 loopback_only: config.bind.is_loopback(),
                 seeds: config.seeds.clone(),
                 trusted_cas: config.trusted_cas.clone(),
-            }),
-        }
+            }
+        });
+        Self { inner }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -143,6 +154,55 @@ impl Hub {
 
     pub fn methods(&self) -> &Methods {
         &self.inner.methods
+    }
+
+    /// The hub's message routing.
+    pub fn routing(&self) -> &crate::routing::Routing {
+        &self.inner.routing
+    }
+
+    /// A device-to-cloud message: stamped, routed and logged. Returns its sequence number.
+    ///
+    /// # Errors
+    /// When it is larger than IoT Hub's limit.
+    pub fn ingest(
+        &self,
+        identity: &IdentityKey,
+        auth_method: &'static str,
+        incoming: crate::telemetry::Incoming,
+    ) -> Result<u64, crate::telemetry::TooLarge> {
+        let mut message = crate::telemetry::Message::stamp(identity, auth_method, incoming)?;
+        self.route(&mut message);
+        Ok(self.inner.telemetry.store(message))
+    }
+
+    fn route(&self, message: &mut crate::telemetry::Message) {
+        let identity = message.identity.clone();
+        self.inner
+            .routing
+            .route(message, &self.inner.event_hub_name, || {
+                self.inner.registry.get_twin(&identity).ok()
+            });
+    }
+
+    /// A registry change: the event it makes, when a route selects events of its kind, is
+    /// routed and logged (an event no route selects is not kept).
+    fn on_change(&self, change: crate::registry::Change) {
+        use crate::registry::Change;
+        use crate::telemetry::Source;
+        let source = match &change {
+            Change::Twin { .. } => Source::TwinChangeEvents,
+            Change::Created { .. } | Change::Deleted { .. } => Source::DeviceLifecycleEvents,
+            Change::Connection { .. } => Source::DeviceConnectionStateEvents,
+        };
+        if !self.inner.routing.selects(source) {
+            return;
+        }
+        let mut message = crate::routing::events::event_message(change, &self.inner.event_hub_name);
+        self.route(&mut message);
+        if !message.routed.is_empty() {
+            self.inner.telemetry.store(message);
+        }
     }
 
     pub fn telemetry(&self) -> &TelemetryLog {
@@ -620,6 +680,7 @@ pub(crate) mod tests {
             telemetry_capacity: 1000,
             seeds: Default::default(),
             trusted_cas: Vec::new(),
+            routing: Default::default(),
         }
     }
 

@@ -50,6 +50,7 @@ pub mod outbox;
 pub mod portal;
 pub mod query;
 pub mod registry;
+pub mod routing;
 pub mod seed;
 pub mod storage;
 pub mod store;

@@ -119,7 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let policies = file
         .policies()
         .map_err(|e| anyhow::anyhow!("config file: {e}"))?;
-    let config = Config {
+    let mut config = Config {
         hostname: file.hostname.clone().unwrap_or(cli.hostname.clone()),
         bind: cli.bind,
         https_port: cli.https_port,
@@ -135,7 +135,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         seeds: file.seeds(),
         trusted_cas: tls::ClientCertInfo::load_cas(&file.trusted_ca_files)
             .map_err(|e| anyhow::anyhow!("config file: trusted_ca_files: {e}"))?,
+        routing: Default::default(),
     };
+    config.routing = file
+        .routing(&config.hub_name())
+        .map_err(anyhow::Error::msg)?;
     let user_cert = cli
         .tls_cert
         .clone()

@@ -25,14 +25,69 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 pub const DEFAULT_CAPACITY: usize = 10_000;
 const SHARDS: usize = 16;
 
-/// One device-to-cloud message as the hub recorded it.
+/// Where a message comes from: device telemetry or one of IoT Hub's event categories. Routes
+/// select by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    DeviceMessages,
+    TwinChangeEvents,
+    DeviceLifecycleEvents,
+    DeviceConnectionStateEvents,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [
+        Source::DeviceMessages,
+        Source::TwinChangeEvents,
+        Source::DeviceLifecycleEvents,
+        Source::DeviceConnectionStateEvents,
+    ];
+
+    /// The name routes use (`DeviceMessages`, `TwinChangeEvents`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DeviceMessages => "DeviceMessages",
+            Self::TwinChangeEvents => "TwinChangeEvents",
+            Self::DeviceLifecycleEvents => "DeviceLifecycleEvents",
+            Self::DeviceConnectionStateEvents => "DeviceConnectionStateEvents",
+        }
+    }
+
+    /// The `iothub-message-source` an event carries (`Telemetry` for device messages).
+    pub fn message_source(self) -> &'static str {
+        match self {
+            Self::DeviceMessages => "Telemetry",
+            Self::TwinChangeEvents => "twinChangeEvents",
+            Self::DeviceLifecycleEvents => "deviceLifecycleEvents",
+            Self::DeviceConnectionStateEvents => "deviceConnectionStateEvents",
+        }
+    }
+
+    /// Either name, ignoring ASCII case.
+    pub fn parse(name: &str) -> Option<Source> {
+        Self::ALL.into_iter().find(|s| {
+            name.eq_ignore_ascii_case(s.name()) || name.eq_ignore_ascii_case(s.message_source())
+        })
+    }
+}
+
+/// One endpoint a message was routed to, with the enrichments added for that endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// The endpoint's index in the hub's routing (0 is the built-in `events`).
+    pub endpoint: usize,
+    pub enrichments: Vec<(String, String)>,
+}
+
+/// One device-to-cloud message (or hub event) as the hub recorded it.
 #[derive(Debug, Clone)]
 pub struct Message {
     pub sequence: u64,
     pub enqueued: Timestamp,
     pub identity: IdentityKey,
-    /// `SAS` or `X509`, as `iothub-connection-auth-method` reports.
+    /// `SAS` or `X509`, as `iothub-connection-auth-method` reports; empty for hub events.
     pub auth_method: &'static str,
+    pub source: Source,
     /// Module output name (`$.on`), for module output messages.
     pub output: Option<String>,
     /// System properties the device set (`$.mid`, `$.ct`, …), under their IoT Hub names.
@@ -40,6 +95,10 @@ pub struct Message {
     /// Application properties; a bare key (no `=`) has a null value.
     pub properties: Map<String, Value>,
     pub body: Bytes,
+    /// The routes that selected it (`$fallback` for the fallback route), for the control API.
+    pub routes: Vec<std::sync::Arc<str>>,
+    /// The endpoints it went to; none when no route selected it.
+    pub routed: Vec<Routed>,
 }
 
 /// A message as a device sent it, before the hub stamps it.
@@ -116,33 +175,20 @@ impl TelemetryLog {
         &self.shards[(h.finish() as usize) % SHARDS]
     }
 
-    /// Stamps and records a message; returns its sequence number.
+    /// Stamps and records a device message, unrouted; returns its sequence number.
     pub fn append(
         &self,
         identity: &IdentityKey,
         auth_method: &'static str,
         incoming: Incoming,
     ) -> Result<u64, TooLarge> {
-        let size = incoming.size();
-        if size > MAX_MESSAGE_BYTES {
-            return Err(TooLarge(size));
-        }
-        let mut system = Map::new();
-        let mut properties = Map::new();
-        let mut output = None;
-        for (key, value) in incoming.properties {
-            match system_name(&key) {
-                Some("iothub-outputname") => output = value,
-                Some(name) => {
-                    system.insert(name.to_owned(), value.map_or(Value::Null, Value::String));
-                }
-                None => {
-                    properties.insert(key, value.map_or(Value::Null, Value::String));
-                }
-            }
-        }
+        Ok(self.store(Message::stamp(identity, auth_method, incoming)?))
+    }
+
+    /// Records a message under the next sequence number, which it returns.
+    pub fn store(&self, mut message: Message) -> u64 {
         let mut shard = self
-            .shard(identity)
+            .shard(&message.identity)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         // Taken under the shard lock so that each shard stays ordered by sequence.
@@ -151,16 +197,8 @@ impl TelemetryLog {
             shard.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        shard.push_back(Arc::new(Message {
-            sequence,
-            enqueued: Timestamp::now(),
-            identity: identity.clone(),
-            auth_method,
-            output,
-            system,
-            properties,
-            body: incoming.body,
-        }));
+        message.sequence = sequence;
+        shard.push_back(Arc::new(message));
         drop(shard);
         // Publish in sequence order: wait (briefly; the predecessor is between two
         // instructions) until every earlier message is stored.
@@ -174,7 +212,7 @@ impl TelemetryLog {
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.arrived.notify_waiters();
         }
-        Ok(sequence)
+        sequence
     }
 
     /// Messages with a sequence number above `after` that pass `filter`, oldest first, at most
@@ -247,6 +285,54 @@ impl TelemetryLog {
 }
 
 impl Message {
+    /// A device message as the hub stamps it: system and application properties separated,
+    /// the enqueued time set, not yet routed or numbered.
+    ///
+    /// # Errors
+    /// When it is larger than [`MAX_MESSAGE_BYTES`].
+    pub fn stamp(
+        identity: &IdentityKey,
+        auth_method: &'static str,
+        incoming: Incoming,
+    ) -> Result<Message, TooLarge> {
+        let size = incoming.size();
+        if size > MAX_MESSAGE_BYTES {
+            return Err(TooLarge(size));
+        }
+        let mut system = Map::new();
+        let mut properties = Map::new();
+        let mut output = None;
+        for (key, value) in incoming.properties {
+            match system_name(&key) {
+                Some("iothub-outputname") => output = value,
+                Some(name) => {
+                    system.insert(name.to_owned(), value.map_or(Value::Null, Value::String));
+                }
+                None => {
+                    properties.insert(key, value.map_or(Value::Null, Value::String));
+                }
+            }
+        }
+        Ok(Message {
+            sequence: 0,
+            enqueued: Timestamp::now(),
+            identity: identity.clone(),
+            auth_method,
+            source: Source::DeviceMessages,
+            output,
+            system,
+            properties,
+            body: incoming.body,
+            routes: Vec::new(),
+            routed: Vec::new(),
+        })
+    }
+
+    /// Whether it went to endpoint `endpoint`.
+    pub fn routed_to(&self, endpoint: usize) -> Option<&Routed> {
+        self.routed.iter().find(|r| r.endpoint == endpoint)
+    }
+
     /// The control API's JSON for a message. The body is given as text when it is UTF-8 and
     /// always as base64.
     pub fn to_json(&self) -> Value {
@@ -259,11 +345,17 @@ impl Message {
         if let Some(m) = &self.identity.module_id {
             system.insert("iothub-connection-module-id".into(), json!(m));
         }
-        system.insert(
-            "iothub-connection-auth-method".into(),
-            json!(self.auth_method),
-        );
+        if !self.auth_method.is_empty() {
+            system.insert(
+                "iothub-connection-auth-method".into(),
+                json!(self.auth_method),
+            );
+        }
         system.insert("iothub-enqueuedtime".into(), json!(self.enqueued));
+        system.insert(
+            "iothub-message-source".into(),
+            json!(self.source.message_source()),
+        );
         if let Some(o) = &self.output {
             system.insert("iothub-outputname".into(), json!(o));
         }
@@ -275,6 +367,8 @@ impl Message {
             "enqueuedTime": self.enqueued,
             "systemProperties": system,
             "properties": self.properties,
+            "source": self.source.name(),
+            "routes": self.routes.iter().map(|r| r.as_ref()).collect::<Vec<_>>(),
             "body": std::str::from_utf8(&self.body).ok(),
             "bodyBase64": base64::engine::general_purpose::STANDARD.encode(&self.body),
         })

@@ -120,7 +120,7 @@ async fn telemetry(conn: Arc<Conn>, presence: Arc<Presence>, mut receiver: Recei
     while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
         let started = std::time::Instant::now();
         let incoming = telemetry_of(delivery.message());
-        let result = conn.hub.telemetry().append(&presence.key, "SAS", incoming);
+        let result = conn.hub.ingest(&presence.key, "SAS", incoming);
         let settled = match result {
             Ok(_) => {
                 conn.hub.registry().touch(&presence.key);

@@ -70,16 +70,17 @@ pub async fn management_requests(conn: Arc<Conn>, mut receiver: Receiver) {
 fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, String)> {
     let hub = &conn.hub;
     let name = property_text(message, "name").unwrap_or_default();
-    if !name.eq_ignore_ascii_case(hub.event_hub_name()) {
+    let Some(endpoint) = endpoint_of(hub, &name) else {
         return Err((
             404,
             format!(
-                "No event hub named '{name}'; this hub's is '{}'",
-                hub.event_hub_name()
+                "No event hub named '{name}'; this hub's are {}",
+                entity_names(hub).join(", ")
             ),
         ));
-    }
-    if !conn.authorized(|g| g.allows_event_hub(hub.event_hub_name())) {
+    };
+    let entity = entity_name(hub, endpoint);
+    if !conn.authorized(|g| g.allows_event_hub(entity)) {
         return Err((
             401,
             "Unauthorized: send a security_token of a policy with ServiceConnect".to_owned(),
@@ -94,7 +95,7 @@ fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, S
     };
     match property_text(message, "type").as_deref() {
         Some("com.microsoft:eventhub") => {
-            put("name", Value::String(hub.event_hub_name().to_owned()));
+            put("name", Value::String(entity.to_owned()));
             put("type", Value::String("com.microsoft:eventhub".to_owned()));
             put(
                 "created_at",
@@ -118,9 +119,9 @@ fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, S
                     404,
                     format!("No such partition; partitions are 0 to {}", PARTITIONS - 1),
                 ))?;
-            let events = partition_events(hub, partition);
+            let events = partition_events(hub, endpoint, partition);
             let (first, last) = (events.first(), events.last());
-            put("name", Value::String(hub.event_hub_name().to_owned()));
+            put("name", Value::String(entity.to_owned()));
             put("type", Value::String("com.microsoft:partition".to_owned()));
             put("partition", Value::String(partition.to_string()));
             put(
@@ -153,10 +154,34 @@ fn management_reply(conn: &Conn, message: &AmqpMessage) -> Result<Value, (i32, S
     Ok(Value::Map(map))
 }
 
-fn partition_events(hub: &Hub, partition: u32) -> Vec<Arc<Message>> {
+fn partition_events(hub: &Hub, endpoint: usize, partition: u32) -> Vec<Arc<Message>> {
     hub.telemetry().read(0, usize::MAX, |m| {
-        partition_of(&m.identity.device_id) == partition
+        partition_of(&m.identity.device_id) == partition && m.routed_to(endpoint).is_some()
     })
+}
+
+/// The routing endpoint an entity name stands for: the hub's own event hub is the built-in
+/// `events` endpoint; a custom endpoint is an entity of its own name.
+fn endpoint_of(hub: &Hub, entity: &str) -> Option<usize> {
+    if entity.eq_ignore_ascii_case(hub.event_hub_name()) {
+        return Some(0);
+    }
+    hub.routing().endpoint(entity).filter(|e| *e != 0)
+}
+
+/// The entity name an endpoint is read at.
+fn entity_name(hub: &Hub, endpoint: usize) -> &str {
+    if endpoint == 0 {
+        hub.event_hub_name()
+    } else {
+        &hub.routing().endpoint_names()[endpoint]
+    }
+}
+
+fn entity_names(hub: &Hub) -> Vec<&str> {
+    (0..hub.routing().endpoint_names().len())
+        .map(|e| entity_name(hub, e))
+        .collect()
 }
 
 /// Where a partition receiver starts, from its `apache.org:selector-filter:string` filter.
@@ -236,24 +261,23 @@ pub async fn partition(
     partition: u32,
 ) {
     let hub = conn.hub.clone();
-    if !entity.eq_ignore_ascii_case(hub.event_hub_name())
-        || !group.eq_ignore_ascii_case(CONSUMER_GROUP)
-        || partition >= PARTITIONS
-    {
+    let endpoint = endpoint_of(&hub, &entity)
+        .filter(|_| group.eq_ignore_ascii_case(CONSUMER_GROUP) && partition < PARTITIONS);
+    let Some(endpoint) = endpoint else {
         refuse(
             LinkEndpoint::Sender(sender),
             error(
                 "amqp:not-found",
                 format!(
-                    "No partition {partition} of consumer group {group} of event hub {entity}; this hub has {}/ConsumerGroups/$Default/Partitions/0..{}",
-                    hub.event_hub_name(),
+                    "No partition {partition} of consumer group {group} of event hub {entity}; this hub has {{{}}}/ConsumerGroups/$Default/Partitions/0..{}",
+                    entity_names(&hub).join(", "),
                     PARTITIONS - 1
                 ),
             ),
         );
         return;
-    }
-    if !conn.authorized(|g| g.allows_event_hub(hub.event_hub_name())) {
+    };
+    if !conn.authorized(|g| g.allows_event_hub(entity_name(&hub, endpoint))) {
         refuse(
             LinkEndpoint::Sender(sender),
             error(
@@ -276,6 +300,7 @@ pub async fn partition(
     let mut after = start.after;
     let filter = |m: &Message| {
         partition_of(&m.identity.device_id) == partition
+            && m.routed_to(endpoint).is_some()
             && start
                 .after_time
                 .is_none_or(|t| m.enqueued.unix_millis() > t)
@@ -288,7 +313,7 @@ pub async fn partition(
         for event in batch {
             after = event.sequence;
             let sendable = Sendable::builder()
-                .message(event_message(&hub, &event))
+                .message(event_message(&hub, endpoint, &event))
                 .build();
             if sender.send_batchable(sendable).await.is_err() {
                 break 'link;
@@ -301,7 +326,7 @@ pub async fn partition(
 /// One telemetry message as an Event Hubs event: the IoT Hub system properties as message
 /// annotations, message id and content type/encoding in the properties section, the device's
 /// properties as application properties, the body as a data section.
-fn event_message(hub: &Hub, m: &Message) -> AmqpMessage {
+fn event_message(hub: &Hub, endpoint: usize, m: &Message) -> AmqpMessage {
     let mut annotations = OrderedMap::new();
     let mut note = |k: &str, v: Value| {
         annotations.insert(Symbol::from(k).into(), v);
@@ -322,36 +347,41 @@ fn event_message(hub: &Hub, m: &Message) -> AmqpMessage {
     } else {
         "device"
     };
-    note(
-        "iothub-connection-auth-method",
-        Value::String(
-            serde_json::json!({
-                "scope": scope,
-                "type": m.auth_method.to_ascii_lowercase(),
-                "issuer": "iothub",
-                "acceptingIpFilterRule": null,
+    // Device messages say how the device authenticated; hub events do not.
+    if !m.auth_method.is_empty() {
+        note(
+            "iothub-connection-auth-method",
+            Value::String(
+                serde_json::json!({
+                    "scope": scope,
+                    "type": m.auth_method.to_ascii_lowercase(),
+                    "issuer": "iothub",
+                    "acceptingIpFilterRule": null,
+                })
+                .to_string(),
+            ),
+        );
+    }
+    if !m.auth_method.is_empty() {
+        let generation = hub
+            .registry()
+            .get_device(&m.identity.device_id)
+            .ok()
+            .and_then(|d| {
+                d.get("generationId")
+                    .and_then(|g| g.as_str())
+                    .map(str::to_owned)
             })
-            .to_string(),
-        ),
-    );
-    let generation = hub
-        .registry()
-        .get_device(&m.identity.device_id)
-        .ok()
-        .and_then(|d| {
-            d.get("generationId")
-                .and_then(|g| g.as_str())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    note(
-        "iothub-connection-auth-generation-id",
-        Value::String(generation),
-    );
+            .unwrap_or_default();
+        note(
+            "iothub-connection-auth-generation-id",
+            Value::String(generation),
+        );
+    }
     note("iothub-enqueuedtime", Value::Timestamp(enqueued));
     note(
         "iothub-message-source",
-        Value::String("Telemetry".to_owned()),
+        Value::String(m.source.message_source().to_owned()),
     );
     if let Some(output) = &m.output {
         note("iothub-outputname", Value::String(output.clone()));
@@ -382,6 +412,12 @@ fn event_message(hub: &Hub, m: &Message) -> AmqpMessage {
             other => SimpleValue::String(other.to_string()),
         };
         application.insert(k.clone(), value);
+    }
+    for (k, v) in m
+        .routed_to(endpoint)
+        .map_or(&[][..], |r| &r.enrichments[..])
+    {
+        application.insert(k.clone(), SimpleValue::String(v.clone()));
     }
     full_message(annotations, properties, application, &m.body)
 }
@@ -451,10 +487,14 @@ mod tests {
             system: system.as_object().unwrap().clone(),
             properties: serde_json::Map::new(),
             body: bytes::Bytes::from_static(b"{}"),
+            source: crate::telemetry::Source::DeviceMessages,
+            routes: Vec::new(),
+            routed: Vec::new(),
         };
         let uuid = "2b1e0f0c-6f43-4bd6-9d1c-7b0b2d5f1e1a";
         let event = event_message(
             &hub,
+            0,
             &message(serde_json::json!({
                 "message-id": uuid,
                 "correlation-id": uuid,
@@ -468,7 +508,7 @@ mod tests {
         assert_eq!(p.content_type, Some(Symbol::from("application/json")));
         assert_eq!(p.content_encoding, Some(Symbol::from("utf-8")));
 
-        let bare = event_message(&hub, &message(serde_json::json!({})));
+        let bare = event_message(&hub, 0, &message(serde_json::json!({})));
         assert!(bare.properties.is_none(), "{:?}", bare.properties);
         let annotations = bare.message_annotations.unwrap().0;
         let annotation = |k: &str| {

@@ -8,7 +8,9 @@
 use super::body::{json_response, ok, query_string, JsonBody};
 use super::error::HttpResult;
 use crate::c2d::CloudMessage;
+use crate::error::HubError;
 use crate::hub::Hub;
+use crate::telemetry::Source;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -84,14 +86,27 @@ struct TelemetryQuery {
     /// Seconds to wait for a first message (long poll).
     #[serde(default)]
     wait: u64,
+    /// `DeviceMessages` (the default), an event source (`TwinChangeEvents`, …) or `all`.
+    source: Option<String>,
 }
 
-/// `GET /_emulator/telemetry?deviceId=&moduleId=&after=&limit=&wait=`
+/// `GET /_emulator/telemetry?deviceId=&moduleId=&after=&limit=&wait=&source=`: device messages
+/// (or routed hub events), each with the routes that selected it and the endpoints it went to.
 async fn telemetry(
     State(hub): State<Hub>,
     query: Result<Query<TelemetryQuery>, QueryRejection>,
 ) -> HttpResult<Response> {
     let q = query_string(query)?;
+    let source = match q.source.as_deref() {
+        None => Some(Source::DeviceMessages),
+        Some(s) if s.eq_ignore_ascii_case("all") => None,
+        Some(s) => Some(Source::parse(s).ok_or_else(|| {
+            HubError::invalid(format!(
+                "source must be all or one of {}",
+                Source::ALL.map(Source::name).join(", ")
+            ))
+        })?),
+    };
     let limit = q.limit.unwrap_or(MAX_READ).clamp(1, MAX_READ);
     let wait = Duration::from_secs(q.wait).min(MAX_WAIT);
     let filter = |m: &crate::telemetry::Message| {
@@ -101,12 +116,32 @@ async fn telemetry(
             && q.module_id
                 .as_ref()
                 .is_none_or(|mid| Some(mid) == m.identity.module_id.as_ref())
+            && source.is_none_or(|s| s == m.source)
+    };
+    let endpoints = hub.routing().endpoint_names();
+    let entry = |m: &crate::telemetry::Message| {
+        let mut json = m.to_json();
+        json["endpoints"] = m
+            .routed
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": endpoints[r.endpoint],
+                    "enrichments": r
+                        .enrichments
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                        .collect::<serde_json::Map<String, Value>>(),
+                })
+            })
+            .collect();
+        json
     };
     let log = hub.telemetry();
     let messages = log.read_or_wait(q.after, limit, wait, filter).await;
     let next = messages.last().map_or(q.after, |m| m.sequence);
     Ok(ok(&json!({
-        "messages": messages.iter().map(|m| m.to_json()).collect::<Vec<Value>>(),
+        "messages": messages.iter().map(|m| entry(m)).collect::<Vec<Value>>(),
         "next": next,
         "lastSequenceNumber": log.last_sequence(),
         "dropped": log.dropped(),

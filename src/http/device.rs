@@ -166,8 +166,7 @@ async fn send_event(
     }
     // Checked whole before anything is stored: a batch is accepted or refused as one.
     for message in messages {
-        hub.telemetry()
-            .append(&key, auth_method, message)
+        hub.ingest(&key, auth_method, message)
             .map_err(|e| HubError::new(ErrorCode::MessageTooLarge, e.to_string()))?;
     }
     hub.registry().touch(&key);

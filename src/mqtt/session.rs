@@ -272,8 +272,7 @@ impl<'h> Session<'h> {
                 };
                 // MQTT has no way to refuse one message, so IoT Hub closes the connection.
                 self.hub
-                    .telemetry()
-                    .append(&self.key, self.auth_method, incoming)
+                    .ingest(&self.key, self.auth_method, incoming)
                     .map_err(|e| Error::Protocol(e.to_string()))?;
                 self.hub.registry().touch(&self.key);
             }

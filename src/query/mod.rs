@@ -168,6 +168,40 @@ pub fn parse(text: &str) -> Result<Query, QueryError> {
     parser::parse(text)
 }
 
+/// A message-routing condition (Microsoft, "IoT Hub message routing query syntax"): one
+/// expression of the query language, true or not for a message. The caller supplies the row:
+/// application properties by name, system properties as `$contentType` …, `$body.…` and
+/// `$twin.…`.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    expr: ast::Expr,
+}
+
+impl Condition {
+    /// Parses a condition; the same lexer and expression grammar as a query's WHERE clause.
+    pub fn parse(text: &str) -> Result<Condition, QueryError> {
+        Ok(Condition {
+            expr: parser::parse_condition(text)?,
+        })
+    }
+
+    /// Whether the condition is exactly `true` for `row` (null, undefined or any other value
+    /// is false, as for routes).
+    pub fn matches<R: Row + ?Sized>(&self, row: &R) -> bool {
+        eval::passes(Some(&self.expr), row)
+    }
+
+    /// Whether any property path of the condition starts with `first` (ASCII case ignored):
+    /// a condition that never reads `$twin` need not have the twin looked up.
+    pub fn reads(&self, first: &str) -> bool {
+        let mut paths = Vec::new();
+        collect_paths(&self.expr, &mut paths);
+        paths
+            .iter()
+            .any(|p| p.0.first().is_some_and(|s| s.eq_ignore_ascii_case(first)))
+    }
+}
+
 impl Query {
     /// The collection named in FROM.
     pub fn source(&self) -> Source {

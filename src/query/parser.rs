@@ -40,6 +40,26 @@ pub fn parse(text: &str) -> Result<Query> {
     .query()
 }
 
+/// Parses a bare condition (a message-routing query): one expression and nothing after it.
+pub fn parse_condition(text: &str) -> Result<Expr> {
+    if text.chars().count() > MAX_QUERY_CHARS {
+        return Err(QueryError::new(
+            MAX_QUERY_CHARS,
+            format!("condition is longer than {MAX_QUERY_CHARS} characters"),
+        ));
+    }
+    let mut parser = Parser {
+        tokens: tokenize(text)?,
+        pos: 0,
+        nesting: 0,
+    };
+    let expr = parser.expr()?;
+    if parser.peek().kind != TokenKind::Eof {
+        return Err(parser.expected("an operator or end of condition"));
+    }
+    Ok(expr)
+}
+
 struct Parser {
     /// Always ends with `Eof`; `pos` never moves past it.
     tokens: Vec<Token>,

@@ -1,5 +1,6 @@
 //! Device and module identities: create, update, delete, list, keys, and edge parents.
 
+use super::events::{self, Change};
 use super::identity::{self, Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
 use super::{
     common_of, lock, module_of, DeviceRecord, DeviceStats, IdentityKey, IfMatch, ModuleRecord,
@@ -27,7 +28,7 @@ impl Registry {
         if *if_match == IfMatch::Absent {
             let mut spec = DeviceSpec::from_json(device_id, body, None)?;
             spec.parent = parent;
-            return match self.devices.entry(device_id.into()) {
+            let created = match self.devices.entry(device_id.into()) {
                 dashmap::Entry::Occupied(_) => Err(HubError::new(
                     ErrorCode::DeviceAlreadyExists,
                     format!("A device with ID '{device_id}' is already registered"),
@@ -45,13 +46,18 @@ impl Registry {
                     };
                     self.add_edge_modules(&mut record);
                     self.persist(device_id, &record)?;
+                    let changes = events::lifecycle(&record, true);
                     let record = Arc::new(Mutex::new(record));
                     self.index_mut()
                         .insert(Arc::clone(slot.key()), Arc::clone(&record));
                     slot.insert(record);
-                    Ok(json)
+                    Ok((json, changes))
                 }
             };
+            // Reported once the map's entry is released: an observer may read the registry.
+            let (json, changes) = created?;
+            self.report_all(changes);
+            return Ok(json);
         }
         self.change_device(
             device_id,
@@ -187,7 +193,7 @@ impl Registry {
 
     /// `DELETE /devices/{id}`: removes the device, its modules and their twins.
     pub fn delete_device(&self, device_id: &str, if_match: &IfMatch) -> HubResult<()> {
-        self.with_device(device_id, |rec| {
+        let changes = self.with_device(device_id, |rec| {
             if_match.check(&rec.device.common.etag)?;
             if let Some(store) = &self.store {
                 store.remove(device_id).map_err(|e| {
@@ -196,7 +202,7 @@ impl Registry {
                 })?;
             }
             rec.deleted = true;
-            Ok(())
+            Ok(events::lifecycle(rec, false))
         })?;
         if let Some((_, record)) = self.devices.remove(device_id) {
             let mut index = self.index_mut();
@@ -208,6 +214,7 @@ impl Registry {
                 index.remove(device_id);
             }
         }
+        self.report_all(changes);
         Ok(())
     }
 
@@ -239,7 +246,8 @@ impl Registry {
         if_match: &IfMatch,
     ) -> HubResult<Value> {
         identity::validate_id(module_id, "Module id")?;
-        self.change_device(
+        let key = IdentityKey::module(device_id, module_id);
+        let (json, created) = self.change_device(
             device_id,
             |rec| match rec.modules.get_mut(module_id) {
                 Some(_) if *if_match == IfMatch::Absent => Err(HubError::new(
@@ -253,7 +261,7 @@ impl Registry {
                     let spec =
                         ModuleSpec::from_json(device_id, module_id, body, Some(&existing.module))?;
                     existing.module.update(spec, self.next_etag());
-                    Ok(existing.module.to_json())
+                    Ok((existing.module.to_json(), None))
                 }
                 None if *if_match != IfMatch::Absent => {
                     Err(HubError::module_not_found(device_id, module_id))
@@ -283,11 +291,16 @@ impl Registry {
                             twin: Twin::new(),
                         },
                     );
-                    Ok(json)
+                    let twin = events::twin_document(rec, &key);
+                    Ok((json, twin))
                 }
             },
             |_| {},
-        )
+        )?;
+        if let Some(twin) = created {
+            self.report(Change::Created { key, twin });
+        }
+        Ok(json)
     }
 
     pub fn get_module(&self, device_id: &str, module_id: &str) -> HubResult<Value> {
@@ -308,16 +321,22 @@ impl Registry {
         module_id: &str,
         if_match: &IfMatch,
     ) -> HubResult<()> {
-        self.change_device(
+        let key = IdentityKey::module(device_id, module_id);
+        let twin = self.change_device(
             device_id,
             |rec| {
                 let m = module_of(rec, device_id, module_id)?;
                 if_match.check(&m.module.common.etag)?;
+                let twin = events::twin_document(rec, &key);
                 rec.modules.remove(module_id);
-                Ok(())
+                Ok(twin)
             },
-            |()| {},
-        )
+            |_| {},
+        )?;
+        if let Some(twin) = twin {
+            self.report(Change::Deleted { key, twin });
+        }
+        Ok(())
     }
 
     /// Replaces an identity's primary key, secondary key or both with new random ones (bulk

@@ -23,12 +23,14 @@
 //! then a record; nothing takes them in another order.
 
 mod devices;
+mod events;
 pub mod identity;
 mod presence;
 mod queues;
 mod scan;
 mod twins;
 
+pub use events::{Change, Observer};
 pub use identity::{Credentials, Device, DeviceSpec, Module, ModuleSpec, Status};
 pub use queues::{HTTP_LOCK, HTTP_LOCK_RANGE};
 
@@ -185,6 +187,8 @@ pub struct Registry {
     /// With `--data-dir`: every change to a device record is saved here, under the record's
     /// lock, before it is acknowledged.
     store: Option<Store>,
+    /// Who hears about changes (the hub); see `events`.
+    observer: std::sync::OnceLock<Observer>,
 }
 
 impl Registry {
@@ -196,6 +200,7 @@ impl Registry {
             c2d_seq: AtomicU64::new(1),
             max_modules,
             store: None,
+            observer: std::sync::OnceLock::new(),
         }
     }
 

@@ -16,20 +16,28 @@ impl Registry {
     }
 
     /// Records a connect or disconnect, and the model id a device announced on connect.
+    /// A change of state is reported (a connection state event) once the lock is released.
     pub fn set_connected(&self, key: &IdentityKey, connected: bool, model_id: Option<&str>) {
-        let _ = self.with_device(&key.device_id, |rec| {
+        let changed = self.with_device(&key.device_id, |rec| {
             if let (Some(model), Ok(twin)) = (model_id, twin_of(rec, key)) {
                 twin.model_id = model.to_owned();
             }
             let common = common_of(rec, key)?;
             let now = Timestamp::now();
+            let changed = common.presence.connected != connected;
             common.presence.connected = connected;
             common.presence.state_updated = now;
             if connected {
                 common.presence.last_activity = now;
             }
-            Ok(())
+            Ok(changed)
         });
+        if matches!(changed, Ok(true)) {
+            self.report(super::Change::Connection {
+                key: key.clone(),
+                connected,
+            });
+        }
     }
 
     /// Stores an identity's session state (saved with the record when it changes).

@@ -1,5 +1,6 @@
 //! The twin store's operations: service reads and writes, device reads and reported patches.
 
+use super::events::{self, Change};
 use super::identity::{Device, Module};
 use super::{common_of, twin_of, DeviceRecord, IdentityKey, IfMatch, Registry};
 use crate::error::{HubError, HubResult};
@@ -22,7 +23,17 @@ impl Registry {
         if_match: &IfMatch,
         notify: impl FnOnce(Value),
     ) -> HubResult<Value> {
-        self.write_twin(key, if_match, |twin| twin.patch_from_service(body), notify)
+        self.write_twin(
+            key,
+            if_match,
+            |twin| {
+                let before = twin.version();
+                let push = twin.patch_from_service(body)?;
+                let event = (twin.version() != before).then(|| twin.update_event(body));
+                Ok((push, event))
+            },
+            notify,
+        )
     }
 
     /// `PUT /twins/…`: replaces tags and desired; devices get the whole new desired document.
@@ -36,34 +47,58 @@ impl Registry {
         self.write_twin(
             key,
             if_match,
-            |twin| twin.replace_from_service(body).map(Some),
+            |twin| {
+                twin.replace_from_service(body)
+                    .map(|push| (Some(push), None))
+            },
             notify,
         )
     }
 
     /// A service write to a twin: etag check, the change, the save, then `notify` with what the
-    /// devices must be told (if anything), all under the device lock.
+    /// devices must be told (if anything), all under the device lock. `change` returns that
+    /// push and the twin change event's body for a patch (`None` for a replacement, whose body
+    /// is the whole twin document, and for a patch that changed nothing). The event is
+    /// reported once the lock is released.
     fn write_twin(
         &self,
         key: &IdentityKey,
         if_match: &IfMatch,
-        change: impl FnOnce(&mut Twin) -> HubResult<Option<Value>>,
+        change: impl FnOnce(&mut Twin) -> HubResult<(Option<Value>, Option<Value>)>,
         notify: impl FnOnce(Value),
     ) -> HubResult<Value> {
-        let (json, _) = self.change_device(
+        let replaced = std::cell::Cell::new(false);
+        let (json, _, event) = self.change_device(
             &key.device_id,
             |rec| {
                 let twin = twin_of(rec, key)?;
                 if_match.check(&twin.etag())?;
-                let note = change(twin)?;
-                Ok((twin_json(rec, key)?, note))
+                let before = twin.version();
+                let (push, event) = change(twin)?;
+                let changed = twin.version() != before;
+                let event = match event {
+                    Some(body) => Some(body),
+                    None if changed => {
+                        replaced.set(true);
+                        events::twin_document(rec, key)
+                    }
+                    None => None,
+                };
+                Ok((twin_json(rec, key)?, push, event))
             },
-            |(_, note)| {
-                if let Some(note) = note {
-                    notify(note.clone());
+            |(_, push, _)| {
+                if let Some(push) = push {
+                    notify(push.clone());
                 }
             },
         )?;
+        if let Some(body) = event {
+            self.report(Change::Twin {
+                key: key.clone(),
+                replaced: replaced.get(),
+                body,
+            });
+        }
         Ok(json)
     }
 
@@ -77,17 +112,25 @@ impl Registry {
 
     /// A device's reported-properties patch; returns the new reported `$version`.
     pub fn patch_reported(&self, key: &IdentityKey, patch: &Map<String, Value>) -> HubResult<u64> {
-        self.change_device(
+        let (version, body) = self.change_device(
             &key.device_id,
             |rec| {
-                let version = twin_of(rec, key)?.patch_reported(patch)?;
+                let twin = twin_of(rec, key)?;
+                let version = twin.patch_reported(patch)?;
+                let body = twin.reported_event(patch);
                 if let Ok(common) = common_of(rec, key) {
                     common.presence.last_activity = Timestamp::now();
                 }
-                Ok(version)
+                Ok((version, body))
             },
             |_| {},
-        )
+        )?;
+        self.report(Change::Twin {
+            key: key.clone(),
+            replaced: false,
+            body,
+        });
+        Ok(version)
     }
 }
 

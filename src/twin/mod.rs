@@ -177,6 +177,23 @@ impl Section {
         Value::Object(out)
     }
 
+    /// A change event's view of this section after `patch` was merged: the patch as sent
+    /// (`null`s included), the section's `$metadata` for the keys it names (and the section's
+    /// own `$lastUpdated…`), and `$version`.
+    fn change_event(&self, patch: &Map<String, Value>) -> Value {
+        let mut out = patch.clone();
+        let mut meta = Map::new();
+        if let Value::Object(all) = self.meta.to_json() {
+            meta.extend(
+                all.into_iter()
+                    .filter(|(k, _)| k.starts_with('$') || patch.contains_key(k)),
+            );
+        }
+        out.insert("$metadata".into(), Value::Object(meta));
+        out.insert("$version".into(), json!(self.version));
+        Value::Object(out)
+    }
+
     /// Checks `patch`, then merges it in place (see the module docs).
     fn patch(&mut self, patch: &Map<String, Value>, max_bytes: usize, what: &str) -> HubResult<()> {
         self.check_patch(patch, max_bytes, what)?;
@@ -408,6 +425,47 @@ impl Twin {
         if shape.properties {
             out.insert("properties".into(), self.properties_json(shape.metadata));
         }
+    }
+
+    /// The body of the twin change event (`opType` `updateTwin`) for a service PATCH with
+    /// `body` that was just applied: the twin's version, the tags as patched, and the desired
+    /// properties as patched with their `$metadata` and `$version` (Microsoft, "Azure IoT Hub
+    /// non-telemetry event schemas").
+    pub fn update_event(&self, body: &Map<String, Value>) -> Value {
+        let mut out = Map::new();
+        out.insert("version".into(), json!(self.version));
+        let Ok((tags, desired)) = writable_parts(body) else {
+            return Value::Object(out);
+        };
+        match tags {
+            Part::Absent => {}
+            Part::Clear => {
+                out.insert("tags".into(), Value::Null);
+            }
+            Part::Patch(t) => {
+                out.insert("tags".into(), Value::Object(t.clone()));
+            }
+        }
+        let desired = match desired {
+            Part::Absent => None,
+            Part::Clear => Some(Map::new()),
+            Part::Patch(d) => Some(d),
+        };
+        if let Some(patch) = desired {
+            out.insert(
+                "properties".into(),
+                json!({ "desired": self.desired.change_event(&patch) }),
+            );
+        }
+        Value::Object(out)
+    }
+
+    /// The body of the twin change event for a reported-properties patch just applied.
+    pub fn reported_event(&self, patch: &Map<String, Value>) -> Value {
+        json!({
+            "version": self.version,
+            "properties": { "reported": self.reported.change_event(patch) },
+        })
     }
 
     /// `properties` as the service sees it, with or without `$metadata`.

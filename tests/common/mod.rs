@@ -53,6 +53,7 @@ pub fn config(certs_dir: PathBuf) -> Config {
         telemetry_capacity: 1000,
         seeds: Default::default(),
         trusted_cas: Vec::new(),
+        routing: Default::default(),
     }
 }
 

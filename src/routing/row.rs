@@ -1,0 +1,108 @@
+//! A message as a routing condition reads it (see the module docs of `routing` for the names).
+
+use super::EnrichValue;
+use crate::query::{value_in, Row};
+use crate::telemetry::Message;
+use serde_json::Value;
+use std::borrow::Cow;
+use std::cell::OnceCell;
+
+/// A message, its body parsed as JSON and its sender's twin fetched only when first read.
+pub(super) struct MessageRow<'a, F> {
+    message: &'a Message,
+    body: OnceCell<Option<Value>>,
+    twin: OnceCell<Option<Value>>,
+    fetch_twin: std::cell::Cell<Option<F>>,
+}
+
+impl<'a, F: FnOnce() -> Option<Value>> MessageRow<'a, F> {
+    pub(super) fn new(message: &'a Message, twin: F) -> Self {
+        Self {
+            message,
+            body: OnceCell::new(),
+            twin: OnceCell::new(),
+            fetch_twin: std::cell::Cell::new(Some(twin)),
+        }
+    }
+
+    fn twin(&self) -> Option<&Value> {
+        self.twin
+            .get_or_init(|| self.fetch_twin.take().and_then(|f| f()))
+            .as_ref()
+    }
+
+    /// `$body`: the body as JSON, when the message says it is JSON in a Unicode encoding.
+    fn body(&self) -> Option<&Value> {
+        self.body
+            .get_or_init(|| {
+                let text = |k: &str| self.message.system.get(k).and_then(Value::as_str);
+                let json = text("content-type").is_some_and(|t| {
+                    t.split(';')
+                        .next()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+                });
+                let unicode = text("content-encoding").is_some_and(|e| {
+                    ["utf-8", "utf-16", "utf-32"]
+                        .iter()
+                        .any(|u| e.eq_ignore_ascii_case(u))
+                });
+                if !(json && unicode) {
+                    return None;
+                }
+                serde_json::from_slice(&self.message.body).ok()
+            })
+            .as_ref()
+    }
+
+    /// A system property by its routing keyword (`$contentType` …), without the `$`.
+    fn system(&self, keyword: &str) -> Option<Value> {
+        let m = self.message;
+        let system = |k: &str| m.system.get(k).cloned();
+        match keyword.to_ascii_lowercase().as_str() {
+            "contenttype" => system("content-type"),
+            "contentencoding" => system("content-encoding"),
+            "messageid" => system("message-id"),
+            "correlationid" => system("correlation-id"),
+            "userid" => system("user-id"),
+            "to" => system("to"),
+            "connectiondeviceid" => Some(Value::String(m.identity.device_id.clone())),
+            "connectionmoduleid" => m.identity.module_id.clone().map(Value::String),
+            "enqueuedtime" => Some(Value::String(m.enqueued.to_string())),
+            _ => None,
+        }
+    }
+
+    /// An enrichment's value for this message.
+    pub(super) fn enrichment(&self, value: &EnrichValue, hub_name: &str) -> String {
+        match value {
+            EnrichValue::Text(t) => t.clone(),
+            EnrichValue::HubName => hub_name.to_owned(),
+            EnrichValue::Twin(path, text) => match self.twin().and_then(|t| t.value_at(path)) {
+                Some(v) => match v.as_ref() {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                None => text.clone(),
+            },
+        }
+    }
+}
+
+impl<F: FnOnce() -> Option<Value>> Row for MessageRow<'_, F> {
+    fn value_at(&self, path: &[String]) -> Option<Cow<'_, Value>> {
+        let (first, rest) = path.split_first()?;
+        if first.eq_ignore_ascii_case("$body") {
+            return self.body()?.value_at(rest);
+        }
+        if first.eq_ignore_ascii_case("$twin") {
+            return self.twin()?.value_at(rest);
+        }
+        if let Some(keyword) = first.strip_prefix('$') {
+            if !rest.is_empty() {
+                return None;
+            }
+            return self.system(keyword).map(Cow::Owned);
+        }
+        value_in(&self.message.properties, path)
+    }
+}
