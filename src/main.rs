@@ -274,6 +274,31 @@ fn file_upload_line(
     line
 }
 
+/// The banner's routing lines: each custom endpoint's connection string, and whether the
+/// fallback route is off. Empty for a hub with no routing configured.
+fn routing_lines(config: &Config) -> String {
+    let mut out = String::new();
+    let routing = &config.routing;
+    let builtin = config.event_hub_connection_string();
+    let base = builtin
+        .rsplit_once(";EntityPath=")
+        .map_or(builtin.as_str(), |(b, _)| b);
+    for name in &routing.endpoint_names()[1..] {
+        out.push_str(&format!(
+            "Routing endpoint {name}: {base};EntityPath={name}\n"
+        ));
+    }
+    if !routing.routes().is_empty() || !routing.fallback() {
+        out.push_str(&format!(
+            "Routes: {} ({} enabled); fallback route {}\n",
+            routing.routes().len(),
+            routing.routes().iter().filter(|r| r.enabled).count(),
+            if routing.fallback() { "on" } else { "off" }
+        ));
+    }
+    out
+}
+
 fn print_banner(
     config: &Config,
     ca: &std::path::Path,
@@ -288,6 +313,7 @@ fn print_banner(
          Portal: https://{portal_host}:{portal_port}/\n\
          Owner connection string (emulator only, insecure):\n  {cs}\n\
          Event Hub-compatible endpoint: {eh}\n\
+         {routing}\
          {file_upload}\n\
          CA certificate to trust: {ca}\n\
          \x20 Python device SDK: SSL_CERT_FILE={ca} (or server_verification_cert=<contents>)\n\
@@ -297,6 +323,7 @@ fn print_banner(
         version = env!("CARGO_PKG_VERSION"),
         cs = config.owner_connection_string(),
         eh = config.event_hub_connection_string(),
+        routing = routing_lines(config),
         portal_host = config.hostname,
         portal_port = https.port(),
     );
