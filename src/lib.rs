@@ -15,7 +15,8 @@
 //! - hub operations: [`hub`] ([`Hub`], the one shared handle), [`connections`] (live device
 //!   connections by identity, with bounded event queues, and the session state that outlives
 //!   them), [`methods`] (direct-method calls in flight), [`telemetry`] (the device-to-cloud
-//!   message log), [`outbox`] (the service-bound queues: delivery feedback, file upload
+//!   message log), [`routing`] (routes, endpoints and enrichments; the hub's own events, made
+//!   from the registry's changes), [`outbox`] (the service-bound queues: delivery feedback, file upload
 //!   notifications), [`uploads`] (file uploads in progress), [`config`] and [`seed`] (flags,
 //!   the config file, the identities it declares).
 //! - [`transport`]: below the front ends: the accept loop (TLS handshake, per-listener
@@ -33,7 +34,9 @@
 //! [`registry::Registry`] operation → response. Service writes that devices must see (desired
 //! properties) go to [`connections::Connections::notify`] under the device's lock, so they leave
 //! in version order; the device's own task turns them into packets. HTTP never writes MQTT
-//! packets, and MQTT never calls HTTP.
+//! packets, and MQTT never calls HTTP. Device messages go through [`Hub::ingest`] (stamped,
+//! routed, logged); registry changes reach the hub after the device's lock is released and
+//! become events when a route selects them.
 
 pub mod amqp;
 pub mod auth;

@@ -101,7 +101,7 @@ fn connection_sequence() -> String {
     let micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
-    format!("{micros:016X}{:048X}", n)
+    format!("{micros:016X}{n:048X}")
 }
 
 #[cfg(test)]

@@ -76,6 +76,8 @@ pub struct Routing {
     routes: Vec<Route>,
     enrichments: Vec<Enrichment>,
     fallback: bool,
+    /// [`FALLBACK`], shared by every message the fallback route selects.
+    fallback_name: Arc<str>,
 }
 
 impl Default for Routing {
@@ -86,6 +88,7 @@ impl Default for Routing {
             routes: Vec::new(),
             enrichments: Vec::new(),
             fallback: true,
+            fallback_name: Arc::from(FALLBACK),
         }
     }
 }
@@ -144,7 +147,7 @@ impl Routing {
             }
         }
         if routes.is_empty() && self.fallback && message.source == Source::DeviceMessages {
-            routes.push(Arc::from(FALLBACK));
+            routes.push(Arc::clone(&self.fallback_name));
             endpoints.push(0);
         }
         let routed = endpoints

@@ -229,3 +229,19 @@ fn bad_routing_names_the_file_the_line_and_the_reason() {
         assert!(err.contains(expected), "{expected:?} not in {err:?}");
     }
 }
+
+#[test]
+fn the_example_configs_routing_block_compiles_once_uncommented() {
+    let example = crate::config::EXAMPLE_CONFIG;
+    let start = example
+        .find("# [routing]")
+        .expect("the example has a routing block");
+    let block: String = example[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+        .collect();
+    let r = routing(&block).unwrap();
+    assert_eq!(r.endpoint_names(), ["events", "alerts"]);
+    assert_eq!(r.routes().len(), 2);
+}
