@@ -328,6 +328,28 @@ impl Message {
         })
     }
 
+    /// [`to_json`](Self::to_json) plus `endpoints`: where it went (`names` are the hub's
+    /// endpoint names by index), each with its enrichments.
+    pub fn to_json_routed(&self, names: &[String]) -> Value {
+        let mut json = self.to_json();
+        json["endpoints"] = self
+            .routed
+            .iter()
+            .map(|r| {
+                let enrichments: Map<String, Value> = r
+                    .enrichments
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect();
+                json!({
+                    "name": names.get(r.endpoint).map_or("", String::as_str),
+                    "enrichments": enrichments,
+                })
+            })
+            .collect();
+        json
+    }
+
     /// Whether it went to endpoint `endpoint`.
     pub fn routed_to(&self, endpoint: usize) -> Option<&Routed> {
         self.routed.iter().find(|r| r.endpoint == endpoint)

@@ -272,6 +272,9 @@ test('live view: invoke a direct method and see the telemetry it causes', async 
   await message.waitFor();
   assert.match(await message.textContent(), /device01\/myFirstModule/);
   assert.match(await message.textContent(), /portal-test/);
+  // No routes configured: the fallback route took it to the built-in endpoint.
+  assert.match(await message.textContent(), /Routes fallback route/);
+  assert.match(await message.textContent(), /To events/);
   await shot('live.png');
 });
 

@@ -119,29 +119,11 @@ async fn telemetry(
             && source.is_none_or(|s| s == m.source)
     };
     let endpoints = hub.routing().endpoint_names();
-    let entry = |m: &crate::telemetry::Message| {
-        let mut json = m.to_json();
-        json["endpoints"] = m
-            .routed
-            .iter()
-            .map(|r| {
-                json!({
-                    "name": endpoints[r.endpoint],
-                    "enrichments": r
-                        .enrichments
-                        .iter()
-                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                        .collect::<serde_json::Map<String, Value>>(),
-                })
-            })
-            .collect();
-        json
-    };
     let log = hub.telemetry();
     let messages = log.read_or_wait(q.after, limit, wait, filter).await;
     let next = messages.last().map_or(q.after, |m| m.sequence);
     Ok(ok(&json!({
-        "messages": messages.iter().map(|m| entry(m)).collect::<Vec<Value>>(),
+        "messages": messages.iter().map(|m| m.to_json_routed(endpoints)).collect::<Vec<Value>>(),
         "next": next,
         "lastSequenceNumber": log.last_sequence(),
         "dropped": log.dropped(),

@@ -516,7 +516,8 @@ struct TelemetryQuery {
 }
 
 /// `GET /portal/api/telemetry?deviceId=&moduleId=&after=&wait=`: device-to-cloud messages of
-/// one device (with its modules') or of one module. Without `after` it returns the latest
+/// one device (with its modules') or of one module, and the hub events routes selected for
+/// it, each with its routes and endpoints. Without `after` it returns the latest
 /// messages and a `next` to poll from; then it long-polls for newer ones.
 async fn telemetry(
     State(hub): State<Hub>,
@@ -545,8 +546,9 @@ async fn telemetry(
         let next = latest.last().map_or(upto, |m| m.sequence.max(upto));
         (latest, next)
     };
+    let endpoints = hub.routing().endpoint_names();
     Ok(ok(&json!({
-        "messages": messages.iter().map(|m| m.to_json()).collect::<Vec<Value>>(),
+        "messages": messages.iter().map(|m| m.to_json_routed(endpoints)).collect::<Vec<Value>>(),
         "next": next,
     })))
 }

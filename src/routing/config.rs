@@ -139,6 +139,16 @@ impl RoutingFile {
             {
                 return Err(format!("{at}: another route has this name"));
             }
+            if ["DigitalTwinChangeEvents", "DeviceJobLifecycleEvents"]
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(&entry.source))
+            {
+                return Err(format!(
+                    "{at}: IoT Hub's source '{}' is not produced by this emulator yet (it emits {})",
+                    entry.source,
+                    Source::ALL.map(Source::name).join(", ")
+                ));
+            }
             let source = Source::parse(&entry.source).ok_or_else(|| {
                 format!(
                     "{at}: unknown source '{}' (one of {})",

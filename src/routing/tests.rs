@@ -200,6 +200,10 @@ fn bad_routing_names_the_file_the_line_and_the_reason() {
             "hub.toml:2: route 'r': unknown source 'Nonsense'",
         ),
         (
+            "[routing]\n[[routing.routes]]\nname = \"r\"\nsource = \"DigitalTwinChangeEvents\"\nendpoints = [\"events\"]\n",
+            "route 'r': IoT Hub's source 'DigitalTwinChangeEvents' is not produced by this emulator yet",
+        ),
+        (
             "[routing]\n[[routing.routes]]\nname = \"r\"\nsource = \"DeviceMessages\"\nendpoints = []\n",
             "route 'r': name at least one endpoint",
         ),

@@ -446,6 +446,14 @@
     };
     add('Received', timeText(m.enqueuedTime));
     add('From', m.moduleId ? `${m.deviceId}/${m.moduleId}` : m.deviceId);
+    if (m.source && m.source !== 'DeviceMessages') {
+      const op = m.properties && m.properties.opType;
+      add('Event', op ? `${m.source} (${op})` : m.source);
+    }
+    const routes = (m.routes || []).map((r) => (r === '$fallback' ? 'fallback route' : r));
+    add('Routes', routes.length ? routes.join(', ') : 'none');
+    const to = (m.endpoints || []).map((e) => e.name);
+    add('To', to.length ? to.join(', ') : 'no endpoint');
     if (m.outputName) add('Output', m.outputName);
     const ct = m.systemProperties && m.systemProperties['content-type'];
     if (ct) add('Content type', ct);

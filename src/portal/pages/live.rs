@@ -70,7 +70,7 @@ pub(super) fn live_page(hub: &Hub, viewer: &Viewer, id: &str, mid: Option<&str>)
 <button type="button" data-live-pause aria-pressed="false">Pause</button>
 <button type="button" data-live-clear>Clear</button>
 </div></div>
-<p class="help">Device-to-cloud messages from {scope}, newest first, as the hub receives them.</p>
+<p class="help">Device-to-cloud messages from {scope}, newest first, as the hub receives them, with the routes that selected each one and the endpoints it went to; and the hub's events (twin changes, lifecycle, connection state) when a route selects them.</p>
 <p class="live-status" role="status" data-live-status>Connecting…</p>
 <ol class="messages" data-telemetry="{telemetry}" aria-labelledby="telemetry-h"></ol>
 </section>
