@@ -69,6 +69,15 @@ struct RunArgs {
     /// Size of reported-patch and telemetry payloads [default: 64].
     #[arg(long)]
     payload_bytes: Option<usize>,
+    /// A property bag appended to the telemetry topic, URL-encoded as the SDKs write it (e.g.
+    /// `$.ct=application%2Fjson&$.ce=utf-8&level=info`), so that routing conditions have
+    /// properties and a JSON body to read [default: none].
+    #[arg(long)]
+    telemetry_properties: Option<String>,
+    /// A config file for the emulator (its `--config`), e.g. `bench/routes-10.toml` to measure
+    /// telemetry with routes.
+    #[arg(long)]
+    emulator_config: Option<PathBuf>,
     /// Reported properties (of about 40 bytes each) every twin-patch client writes once before
     /// the measured phase, so that each measured patch lands in a section that large [default: 0].
     #[arg(long)]
@@ -213,6 +222,7 @@ fn sizes(a: &RunArgs) -> Sizes {
         soak_service_rate: a
             .soak_service_rate
             .unwrap_or(if smoke { 4.0 } else { 20.0 }),
+        telemetry_properties: a.telemetry_properties.clone().unwrap_or_default(),
     }
 }
 
@@ -357,6 +367,9 @@ fn run(args: RunArgs) -> Result<bool> {
         .arg("--certs-dir")
         .arg(&certs)
         .env("RUST_LOG", &args.emulator_log);
+    if let Some(config) = &args.emulator_config {
+        command.arg("--config").arg(config);
+    }
     // The emulator caps connections per listener from its open-file limit (about 9,300 MQTT
     // connections at 20,000 fds); a fleet larger than that is asked for explicitly.
     let fleet = sizes.fleet(&selected).max(sizes.idle_clients);

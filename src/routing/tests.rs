@@ -249,3 +249,17 @@ fn the_example_configs_routing_block_compiles_once_uncommented() {
     assert_eq!(r.endpoint_names(), ["events", "alerts"]);
     assert_eq!(r.routes().len(), 2);
 }
+
+#[test]
+fn the_benchmarks_ten_routes_compile_and_select_its_telemetry() {
+    let r = routing(include_str!("../../bench/routes-10.toml")).unwrap();
+    assert_eq!(r.routes().len(), 10);
+    let props = [
+        ("$.ct", "application/json"),
+        ("$.ce", "utf-8"),
+        ("level", "info"),
+    ];
+    let mut m = message(&props, r#"{"bench":{"seq":1,"pad":"xx"}}"#);
+    let (routes, endpoints) = routed(&r, &mut m, Some(json!({"tags": {}})));
+    assert_eq!((routes, endpoints), (vec!["info".to_owned()], vec![1]));
+}

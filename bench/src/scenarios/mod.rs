@@ -71,6 +71,8 @@ pub struct Sizes {
     pub soak_rate: f64,
     /// Service operations per second in all (methods and desired patches, alternately).
     pub soak_service_rate: f64,
+    /// Appended to the telemetry topic (a URL-encoded property bag; empty for none).
+    pub telemetry_properties: String,
 }
 
 impl Sizes {

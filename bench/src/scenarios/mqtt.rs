@@ -205,7 +205,11 @@ pub(super) async fn round_trip_phase(
         let mut start_rx = start_rx.clone();
         let body = Arc::clone(&body);
         let fill = fill.clone();
-        let topic = ctx.fleet[i].events_topic();
+        let topic = format!(
+            "{}{}",
+            ctx.fleet[i].events_topic(),
+            ctx.sizes.telemetry_properties
+        );
         set.spawn(async move {
             let mut out = Outcome::default();
             let mut conn = conn;
