@@ -178,11 +178,11 @@ impl Hub {
 
     fn route(&self, message: &mut crate::telemetry::Message) {
         let identity = message.identity.clone();
-        self.inner
-            .routing
-            .route(message, &self.inner.event_hub_name, || {
-                self.inner.registry.get_twin(&identity).ok()
-            });
+        let routing = &self.inner.routing;
+        routing.route(message, &self.inner.event_hub_name, || {
+            let shape = routing.twin_shape()?;
+            self.inner.registry.get_twin_shaped(&identity, shape).ok()
+        });
     }
 
     /// A registry change: the event it makes, when a route selects events of its kind, is

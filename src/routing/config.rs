@@ -215,6 +215,7 @@ impl RoutingFile {
                 endpoints,
             });
         }
+        routing.settle_twin_shape();
         Ok(routing)
     }
 }

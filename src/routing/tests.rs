@@ -263,3 +263,21 @@ fn the_benchmarks_ten_routes_compile_and_select_its_telemetry() {
     let (routes, endpoints) = routed(&r, &mut m, Some(json!({"tags": {}})));
     assert_eq!((routes, endpoints), (vec!["info".to_owned()], vec![1]));
 }
+
+#[test]
+fn only_what_routes_read_of_a_twin_is_fetched() {
+    assert_eq!(Routing::default().twin_shape(), None);
+    let tags_only = crate::twin::RowShape {
+        identity: false,
+        tags: true,
+        properties: false,
+        metadata: false,
+    };
+    assert_eq!(routing(CONFIG).unwrap().twin_shape(), Some(tags_only));
+    let text = "[routing]\n[[routing.routes]]\nname = \"r\"\nsource = \"DeviceMessages\"\ncondition = \"$twin.properties.reported.fw = '1'\"\nendpoints = [\"events\"]\n";
+    let shape = routing(text).unwrap().twin_shape().unwrap();
+    assert!(
+        shape.properties && !shape.tags && !shape.identity,
+        "{shape:?}"
+    );
+}
