@@ -22,6 +22,14 @@
 //! says it is JSON (`contentType` `application/json`, `contentEncoding` UTF-8, UTF-16 or
 //! UTF-32, any case); `$twin.…` (tags and properties) of the device or module that sent it.
 //! Anything that is not exactly `true` (null, undefined, a string) does not match.
+//!
+//! The grammar is the twin query language's WHERE expression (`query`'s lexer, parser and
+//! evaluator, so operators, functions and undefined-value rules are the same). Where they
+//! differ: a condition is one expression with no SELECT/FROM; names are resolved against the
+//! message as above instead of a twin; application property values are strings (as every SDK
+//! sends them), so `severity > 3` on a property compares a string with a number and does not
+//! match; hyphenated system keywords (`$iothub-enqueuedtime`, `$dt-dataschema`) do not lex as
+//! one name, so only the camel-case keywords above are offered.
 
 mod config;
 pub mod events;
