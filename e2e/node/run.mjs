@@ -21,6 +21,16 @@
 // (the device SDKs upload over HTTPS only) in loose mode (the SDK's storage client sends headers
 // strict Azurite refuses), and hands the emulator its connection string.
 // The tests get it in IOTHUB_E2E_STORAGE_CONNECTION_STRING.
+//
+// Message routing: the emulator always gets `--config routing.toml` (this folder), whose
+// `[routing]` table is what routing.test.js needs and leaves the other files' view as on a
+// new hub: hub events (twin change, lifecycle, connection state) go to the built-in endpoint,
+// which no other file reads; device messages with the application property
+// `routingTest = 'hot'` go to the custom endpoint `hot`; the fallback route keeps every other
+// device message on the built-in endpoint. The tests get the Event Hub-compatible endpoint's
+// connection string (from the banner, with Endpoint=sb://<address>/ so the AMQP socket goes
+// to the emulator's 5671) in IOTHUB_E2E_EVENTHUB_CONNECTION_STRING; a custom endpoint is the
+// same string with EntityPath=<endpoint name>.
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -34,6 +44,7 @@ const repoRoot = path.resolve(here, '..', '..');
 const binary = process.env.IOTHUB_EMULATOR_BIN || path.join(repoRoot, 'target', 'debug', 'iothub-emulator');
 const logDir = path.join(repoRoot, 'e2e', 'logs');
 const READY = 'iothub-emulator ready';
+const ROUTING_CONFIG = path.join(here, 'routing.toml');
 const PORTS = [443, 8883, 5671, 10000]; // HTTPS and MQTT/AMQP over WebSockets; MQTT/TLS; AMQP/TLS; Azurite
 const AZURITE_PORT = 10000;
 // Azurite's well-known development account (Microsoft's Azurite documentation).
@@ -59,6 +70,14 @@ async function pickAddress() {
   throw new Error('no 127.0.0.X with ports 443, 8883, 5671 and 10000 free');
 }
 
+// The banner's "Event Hub-compatible endpoint: Endpoint=sb://<hostname>/;...", pointed at the
+// address the emulator binds (its hostname, localhost, resolves elsewhere).
+function eventHubConnectionString(log, address) {
+  const match = /^Event Hub-compatible endpoint: (Endpoint=sb:\/\/[^/]+\/;\S+)$/m.exec(log);
+  if (!match) throw new Error('emulator banner has no "Event Hub-compatible endpoint:" line');
+  return match[1].replace(/^Endpoint=sb:\/\/[^/]+\//, `Endpoint=sb://${address}/`);
+}
+
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function tail(file, lines = 60) {
@@ -78,7 +97,7 @@ async function startEmulator() {
     const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'iothub-e2e-node-'));
     const certsDir = path.join(workDir, 'certs');
     const args = ['--bind', address, '--hostname', 'localhost', '--certs-dir', certsDir,
-      '--storage-connection-string', storageConnectionString(address)];
+      '--storage-connection-string', storageConnectionString(address), '--config', ROUTING_CONFIG];
     const logPath = path.join(logDir, `node-emulator-${address}.log`);
     const fd = fs.openSync(logPath, 'w');
     fs.writeSync(fd, `$ ${binary} ${args.join(' ')}\n`);
@@ -89,10 +108,16 @@ async function startEmulator() {
 
     const deadline = Date.now() + 60_000;
     while (Date.now() < deadline && !exited) {
-      if (fs.readFileSync(logPath, 'utf8').includes(READY)) {
-        const caPath = path.join(certsDir, 'ca.pem');
-        if (!fs.existsSync(caPath)) throw new Error(`emulator ready but ${caPath} is missing`);
-        return { child, address, caPath, logPath, workDir };
+      const log = fs.readFileSync(logPath, 'utf8');
+      if (log.includes(READY)) {
+        try {
+          const caPath = path.join(certsDir, 'ca.pem');
+          if (!fs.existsSync(caPath)) throw new Error(`emulator ready but ${caPath} is missing`);
+          return { child, address, caPath, logPath, workDir, eventHubConnectionString: eventHubConnectionString(log, address) };
+        } catch (e) {
+          await stop(child);
+          throw e;
+        }
       }
       await sleep(50);
     }
@@ -180,6 +205,7 @@ try {
       IOTHUB_E2E_CA_PATH: emulator.caPath,
       IOTHUB_E2E_DEVICE_HOSTNAME: 'localhost',
       IOTHUB_E2E_STORAGE_CONNECTION_STRING: storageConnectionString(emulator.address),
+      IOTHUB_E2E_EVENTHUB_CONNECTION_STRING: emulator.eventHubConnectionString,
     },
   });
   const forward = (signal) => runner.kill(signal);
