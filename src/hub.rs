@@ -177,11 +177,10 @@ impl Hub {
     }
 
     fn route(&self, message: &mut crate::telemetry::Message) {
-        let identity = message.identity.clone();
         let routing = &self.inner.routing;
-        routing.route(message, &self.inner.event_hub_name, || {
+        routing.route(message, &self.inner.event_hub_name, |identity| {
             let shape = routing.twin_shape()?;
-            self.inner.registry.get_twin_shaped(&identity, shape).ok()
+            self.inner.registry.get_twin_shaped(identity, shape).ok()
         });
     }
 

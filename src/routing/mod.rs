@@ -159,7 +159,7 @@ impl Routing {
         &self,
         message: &mut Message,
         hub_name: &str,
-        twin: impl FnOnce() -> Option<Value>,
+        twin: impl FnOnce(&crate::registry::IdentityKey) -> Option<Value>,
     ) {
         let row = row::MessageRow::new(message, twin);
         let mut routes: Vec<Arc<str>> = Vec::new();

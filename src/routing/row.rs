@@ -2,6 +2,7 @@
 
 use super::EnrichValue;
 use crate::query::{value_in, Row};
+use crate::registry::IdentityKey;
 use crate::telemetry::Message;
 use serde_json::Value;
 use std::borrow::Cow;
@@ -15,7 +16,7 @@ pub(super) struct MessageRow<'a, F> {
     fetch_twin: std::cell::Cell<Option<F>>,
 }
 
-impl<'a, F: FnOnce() -> Option<Value>> MessageRow<'a, F> {
+impl<'a, F: FnOnce(&IdentityKey) -> Option<Value>> MessageRow<'a, F> {
     pub(super) fn new(message: &'a Message, twin: F) -> Self {
         Self {
             message,
@@ -27,7 +28,11 @@ impl<'a, F: FnOnce() -> Option<Value>> MessageRow<'a, F> {
 
     fn twin(&self) -> Option<&Value> {
         self.twin
-            .get_or_init(|| self.fetch_twin.take().and_then(|f| f()))
+            .get_or_init(|| {
+                self.fetch_twin
+                    .take()
+                    .and_then(|f| f(&self.message.identity))
+            })
             .as_ref()
     }
 
@@ -55,20 +60,33 @@ impl<'a, F: FnOnce() -> Option<Value>> MessageRow<'a, F> {
     }
 
     /// A system property by its routing keyword (`$contentType` …), without the `$`.
-    fn system(&self, keyword: &str) -> Option<Value> {
+    fn system(&self, keyword: &str) -> Option<Cow<'_, Value>> {
         let m = self.message;
-        let system = |k: &str| m.system.get(k).cloned();
-        match keyword.to_ascii_lowercase().as_str() {
-            "contenttype" => system("content-type"),
-            "contentencoding" => system("content-encoding"),
-            "messageid" => system("message-id"),
-            "correlationid" => system("correlation-id"),
-            "userid" => system("user-id"),
-            "to" => system("to"),
-            "connectiondeviceid" => Some(Value::String(m.identity.device_id.clone())),
-            "connectionmoduleid" => m.identity.module_id.clone().map(Value::String),
-            "enqueuedtime" => Some(Value::String(m.enqueued.to_string())),
-            _ => None,
+        let system = |k: &str| m.system.get(k).map(Cow::Borrowed);
+        let is = |name: &str| keyword.eq_ignore_ascii_case(name);
+        if is("contentType") {
+            system("content-type")
+        } else if is("contentEncoding") {
+            system("content-encoding")
+        } else if is("messageId") {
+            system("message-id")
+        } else if is("correlationId") {
+            system("correlation-id")
+        } else if is("userId") {
+            system("user-id")
+        } else if is("to") {
+            system("to")
+        } else if is("connectionDeviceId") {
+            Some(Cow::Owned(Value::String(m.identity.device_id.clone())))
+        } else if is("connectionModuleId") {
+            m.identity
+                .module_id
+                .clone()
+                .map(|id| Cow::Owned(Value::String(id)))
+        } else if is("enqueuedTime") {
+            Some(Cow::Owned(Value::String(m.enqueued.to_string())))
+        } else {
+            None
         }
     }
 
@@ -88,7 +106,7 @@ impl<'a, F: FnOnce() -> Option<Value>> MessageRow<'a, F> {
     }
 }
 
-impl<F: FnOnce() -> Option<Value>> Row for MessageRow<'_, F> {
+impl<F: FnOnce(&IdentityKey) -> Option<Value>> Row for MessageRow<'_, F> {
     fn value_at(&self, path: &[String]) -> Option<Cow<'_, Value>> {
         let (first, rest) = path.split_first()?;
         if first.eq_ignore_ascii_case("$body") {
@@ -101,7 +119,7 @@ impl<F: FnOnce() -> Option<Value>> Row for MessageRow<'_, F> {
             if !rest.is_empty() {
                 return None;
             }
-            return self.system(keyword).map(Cow::Owned);
+            return self.system(keyword);
         }
         value_in(&self.message.properties, path)
     }

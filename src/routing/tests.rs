@@ -76,7 +76,7 @@ fn message(props: &[(&str, &str)], body: &str) -> Message {
 }
 
 fn routed(r: &Routing, m: &mut Message, twin: Option<Value>) -> (Vec<String>, Vec<usize>) {
-    r.route(m, "myhub", || twin);
+    r.route(m, "myhub", |_| twin);
     (
         m.routes.iter().map(|s| s.to_string()).collect(),
         m.routed.iter().map(|x| x.endpoint).collect(),
