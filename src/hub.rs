@@ -178,9 +178,8 @@ impl Hub {
 
     fn route(&self, message: &mut crate::telemetry::Message) {
         let routing = &self.inner.routing;
-        routing.route(message, &self.inner.event_hub_name, |identity| {
-            let shape = routing.twin_shape()?;
-            self.inner.registry.get_twin_shaped(identity, shape).ok()
+        routing.route(message, &self.inner.event_hub_name, |identity, path| {
+            self.inner.registry.twin_value(identity, path)
         });
     }
 

@@ -190,24 +190,6 @@ impl Condition {
     pub fn matches<R: Row + ?Sized>(&self, row: &R) -> bool {
         eval::passes(Some(&self.expr), row)
     }
-
-    /// The parts of a twin row the condition reads under `$twin` (`None` when it reads no
-    /// twin): a route needs only those built.
-    pub fn twin_shape(&self) -> Option<RowShape> {
-        let mut paths = Vec::new();
-        collect_paths(&self.expr, &mut paths);
-        let under: Vec<ast::Path> = paths
-            .iter()
-            .filter(|p| p.0.first().is_some_and(|s| s.eq_ignore_ascii_case("$twin")))
-            .map(|p| ast::Path(p.0[1..].to_vec()))
-            .collect();
-        (!under.is_empty()).then(|| shape_of(&under.iter().collect::<Vec<_>>()))
-    }
-}
-
-/// The parts of a twin row that reading `path` (segments under the twin) needs.
-pub fn twin_path_shape(path: &[String]) -> RowShape {
-    shape_of(&[&ast::Path(path.to_vec())])
 }
 
 impl Query {

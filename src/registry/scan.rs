@@ -35,6 +35,25 @@ impl Registry {
 
     /// Like [`scan_twins`](Self::scan_twins) over every twin, for aggregates (identity order
     /// keeps GROUP BY output stable).
+    /// The value at `path` of an identity's twin JSON (as `GET /twins` shows it), read in place
+    /// under the device's lock: what a route's `$twin.…` reads. `None` when undefined or the
+    /// identity does not exist.
+    pub fn twin_value(&self, key: &IdentityKey, path: &[String]) -> Option<Value> {
+        self.with_device(&key.device_id, |rec| {
+            let (module, twin) = match &key.module_id {
+                None => (None, &rec.twin),
+                Some(m) => match rec.modules.get(m) {
+                    Some(r) => (Some(&r.module), &r.twin),
+                    None => return Ok(None),
+                },
+            };
+            let view = TwinView::new(&rec.device, module, twin, RowShape::FULL);
+            Ok(view.value_at(path).map(Cow::into_owned))
+        })
+        .ok()
+        .flatten()
+    }
+
     pub fn scan_all_twins(&self, modules: bool, plan: RowPlan<'_>, mut visit: impl FnMut(Value)) {
         self.walk_devices(Bound::Unbounded, |record| {
             for (_, row) in rows_of(record, modules, None, plan) {
@@ -203,5 +222,38 @@ impl Row for TwinView<'_> {
             Value::Object(out)
         });
         identity.value_at(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::IfMatch;
+    use serde_json::json;
+
+    #[test]
+    fn twin_values_are_read_in_place_as_the_twin_json_shows_them() {
+        let reg = Registry::new(50);
+        reg.put_device("d", &Map::new(), &IfMatch::Absent).unwrap();
+        let key = IdentityKey::device("d");
+        let body = json!({"tags": {"site": "north"}, "properties": {"desired": {"rate": 5}}});
+        reg.patch_twin(&key, body.as_object().unwrap(), &IfMatch::Absent, |_| {})
+            .unwrap();
+        let at = |path: &[&str]| {
+            let path: Vec<String> = path.iter().map(|s| (*s).to_owned()).collect();
+            reg.twin_value(&key, &path)
+        };
+        assert_eq!(at(&["tags", "site"]), Some(json!("north")));
+        assert_eq!(
+            at(&["TAGS", "Site"]),
+            Some(json!("north")),
+            "case-insensitive"
+        );
+        assert_eq!(at(&["properties", "desired", "rate"]), Some(json!(5)));
+        assert_eq!(at(&["properties", "desired", "$version"]), Some(json!(2)));
+        assert_eq!(at(&["deviceId"]), Some(json!("d")));
+        assert_eq!(at(&["tags", "missing"]), None);
+        let module = IdentityKey::module("d", "nope");
+        assert_eq!(reg.twin_value(&module, &["tags".to_owned()]), None);
     }
 }

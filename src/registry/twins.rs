@@ -14,11 +14,6 @@ impl Registry {
         self.with_device(&key.device_id, |rec| twin_json(rec, key))
     }
 
-    /// [`get_twin`](Self::get_twin) with only the parts `shape` asks for (what a route reads).
-    pub fn get_twin_shaped(&self, key: &IdentityKey, shape: RowShape) -> HubResult<Value> {
-        self.with_device(&key.device_id, |rec| twin_shaped(rec, key, shape))
-    }
-
     /// `PATCH /twins/…`. `notify` runs under the device lock with the desired patch (and its
     /// `$version`) when desired changed, so notifications leave in version order.
     pub fn patch_twin(
@@ -141,11 +136,6 @@ impl Registry {
 
 /// The full service-side twin JSON: identity fields plus the document.
 fn twin_json(rec: &DeviceRecord, key: &IdentityKey) -> HubResult<Value> {
-    twin_shaped(rec, key, RowShape::FULL)
-}
-
-/// An identity's twin JSON with the parts `shape` asks for.
-fn twin_shaped(rec: &DeviceRecord, key: &IdentityKey, shape: RowShape) -> HubResult<Value> {
     let (module, twin) = match &key.module_id {
         None => (None, &rec.twin),
         Some(m) => {
@@ -156,7 +146,7 @@ fn twin_shaped(rec: &DeviceRecord, key: &IdentityKey, shape: RowShape) -> HubRes
             (Some(&record.module), &record.twin)
         }
     };
-    Ok(twin_row(&rec.device, module, twin, shape))
+    Ok(twin_row(&rec.device, module, twin, RowShape::FULL))
 }
 
 /// The twin JSON of a device (`module` None) or module twin with only the heavy parts `shape`

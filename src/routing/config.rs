@@ -215,7 +215,6 @@ impl RoutingFile {
                 endpoints,
             });
         }
-        routing.settle_twin_shape();
         Ok(routing)
     }
 }

@@ -39,7 +39,6 @@ pub use config::{EndpointEntry, EnrichmentEntry, RouteEntry, RoutingFile};
 
 use crate::query::Condition;
 use crate::telemetry::{Message, Routed, Source};
-use crate::twin::RowShape;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -87,8 +86,6 @@ pub struct Routing {
     fallback: bool,
     /// [`FALLBACK`], shared by every message the fallback route selects.
     fallback_name: Arc<str>,
-    /// The parts of a sender's twin the routes and enrichments read (`None`: none).
-    twin_shape: Option<RowShape>,
 }
 
 impl Default for Routing {
@@ -100,7 +97,6 @@ impl Default for Routing {
             enrichments: Vec::new(),
             fallback: true,
             fallback_name: Arc::from(FALLBACK),
-            twin_shape: None,
         }
     }
 }
@@ -126,26 +122,6 @@ impl Routing {
         self.fallback
     }
 
-    /// The parts of a sender's twin that routing reads, if any: the twin to hand
-    /// [`route`](Self::route) needs no more.
-    pub fn twin_shape(&self) -> Option<RowShape> {
-        self.twin_shape
-    }
-
-    /// Notes what the routes and enrichments read of a twin (after they are compiled).
-    fn settle_twin_shape(&mut self) {
-        let routes = self
-            .routes
-            .iter()
-            .filter(|r| r.enabled)
-            .filter_map(|r| r.condition.as_ref()?.twin_shape());
-        let enrichments = self.enrichments.iter().filter_map(|e| match &e.value {
-            EnrichValue::Twin(path, _) => Some(crate::query::twin_path_shape(path)),
-            _ => None,
-        });
-        self.twin_shape = routes.chain(enrichments).reduce(RowShape::union);
-    }
-
     /// Whether any route of `source` is enabled: the hub builds events of a source only then.
     pub fn selects(&self, source: Source) -> bool {
         source == Source::DeviceMessages
@@ -153,13 +129,13 @@ impl Routing {
     }
 
     /// Routes `message`: fills its `routes` and `routed` (endpoints, each with its
-    /// enrichments). `twin` gives the sender's twin JSON, asked for at most once and only when
-    /// a condition or enrichment reads it.
+    /// enrichments). `twin(identity, path)` reads the sender's twin, only for the `$twin` paths
+    /// a condition or enrichment reads.
     pub fn route(
         &self,
         message: &mut Message,
         hub_name: &str,
-        twin: impl FnOnce(&crate::registry::IdentityKey) -> Option<Value>,
+        twin: impl Fn(&crate::registry::IdentityKey, &[String]) -> Option<Value>,
     ) {
         let row = row::MessageRow::new(message, twin);
         let mut routes: Vec<Arc<str>> = Vec::new();

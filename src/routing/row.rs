@@ -8,32 +8,25 @@ use serde_json::Value;
 use std::borrow::Cow;
 use std::cell::OnceCell;
 
-/// A message, its body parsed as JSON and its sender's twin fetched only when first read.
+/// A message, with its body parsed as JSON when first read, and a way to read its sender's
+/// twin (`twin(identity, path)`: the value at a path of the twin's JSON, read in place).
 pub(super) struct MessageRow<'a, F> {
     message: &'a Message,
     body: OnceCell<Option<Value>>,
-    twin: OnceCell<Option<Value>>,
-    fetch_twin: std::cell::Cell<Option<F>>,
+    twin: F,
 }
 
-impl<'a, F: FnOnce(&IdentityKey) -> Option<Value>> MessageRow<'a, F> {
+impl<'a, F: Fn(&IdentityKey, &[String]) -> Option<Value>> MessageRow<'a, F> {
     pub(super) fn new(message: &'a Message, twin: F) -> Self {
         Self {
             message,
             body: OnceCell::new(),
-            twin: OnceCell::new(),
-            fetch_twin: std::cell::Cell::new(Some(twin)),
+            twin,
         }
     }
 
-    fn twin(&self) -> Option<&Value> {
-        self.twin
-            .get_or_init(|| {
-                self.fetch_twin
-                    .take()
-                    .and_then(|f| f(&self.message.identity))
-            })
-            .as_ref()
+    fn twin_at(&self, path: &[String]) -> Option<Value> {
+        (self.twin)(&self.message.identity, path)
     }
 
     /// `$body`: the body as JSON, when the message says it is JSON in a Unicode encoding.
@@ -95,25 +88,23 @@ impl<'a, F: FnOnce(&IdentityKey) -> Option<Value>> MessageRow<'a, F> {
         match value {
             EnrichValue::Text(t) => t.clone(),
             EnrichValue::HubName => hub_name.to_owned(),
-            EnrichValue::Twin(path, text) => match self.twin().and_then(|t| t.value_at(path)) {
-                Some(v) => match v.as_ref() {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                },
+            EnrichValue::Twin(path, text) => match self.twin_at(path) {
+                Some(Value::String(s)) => s,
+                Some(other) => other.to_string(),
                 None => text.clone(),
             },
         }
     }
 }
 
-impl<F: FnOnce(&IdentityKey) -> Option<Value>> Row for MessageRow<'_, F> {
+impl<F: Fn(&IdentityKey, &[String]) -> Option<Value>> Row for MessageRow<'_, F> {
     fn value_at(&self, path: &[String]) -> Option<Cow<'_, Value>> {
         let (first, rest) = path.split_first()?;
         if first.eq_ignore_ascii_case("$body") {
             return self.body()?.value_at(rest);
         }
         if first.eq_ignore_ascii_case("$twin") {
-            return self.twin()?.value_at(rest);
+            return self.twin_at(rest).map(Cow::Owned);
         }
         if let Some(keyword) = first.strip_prefix('$') {
             if !rest.is_empty() {

@@ -76,7 +76,11 @@ fn message(props: &[(&str, &str)], body: &str) -> Message {
 }
 
 fn routed(r: &Routing, m: &mut Message, twin: Option<Value>) -> (Vec<String>, Vec<usize>) {
-    r.route(m, "myhub", |_| twin);
+    r.route(m, "myhub", |_, path| {
+        twin.as_ref()
+            .and_then(|t| crate::query::Row::value_at(t, path))
+            .map(std::borrow::Cow::into_owned)
+    });
     (
         m.routes.iter().map(|s| s.to_string()).collect(),
         m.routed.iter().map(|x| x.endpoint).collect(),
@@ -262,22 +266,4 @@ fn the_benchmarks_ten_routes_compile_and_select_its_telemetry() {
     let mut m = message(&props, r#"{"bench":{"seq":1,"pad":"xx"}}"#);
     let (routes, endpoints) = routed(&r, &mut m, Some(json!({"tags": {}})));
     assert_eq!((routes, endpoints), (vec!["info".to_owned()], vec![1]));
-}
-
-#[test]
-fn only_what_routes_read_of_a_twin_is_fetched() {
-    assert_eq!(Routing::default().twin_shape(), None);
-    let tags_only = crate::twin::RowShape {
-        identity: false,
-        tags: true,
-        properties: false,
-        metadata: false,
-    };
-    assert_eq!(routing(CONFIG).unwrap().twin_shape(), Some(tags_only));
-    let text = "[routing]\n[[routing.routes]]\nname = \"r\"\nsource = \"DeviceMessages\"\ncondition = \"$twin.properties.reported.fw = '1'\"\nendpoints = [\"events\"]\n";
-    let shape = routing(text).unwrap().twin_shape().unwrap();
-    assert!(
-        shape.properties && !shape.tags && !shape.identity,
-        "{shape:?}"
-    );
 }

@@ -269,16 +269,6 @@ impl RowShape {
         properties: true,
         metadata: true,
     };
-
-    /// Every part either shape has.
-    pub fn union(self, other: RowShape) -> RowShape {
-        RowShape {
-            identity: self.identity || other.identity,
-            tags: self.tags || other.tags,
-            properties: self.properties || other.properties,
-            metadata: self.metadata || other.metadata,
-        }
-    }
 }
 
 /// A device or module twin's document state (identity fields live in the registry).
