@@ -74,6 +74,7 @@ fn config() -> Config {
         telemetry_capacity: 100,
         seeds: Default::default(),
         trusted_cas: Vec::new(),
+        routing: Default::default(),
     }
 }
 
